@@ -1,0 +1,299 @@
+"""Run configuration: typed dataclasses, YAML files and dotted command-line overrides.
+
+Everything a run does is decided here, up front: a typo or a wrong type fails before
+any model is loaded, with the key's full name and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds (or reuses) the project's own tiny T5; anything else goes to
+    # T5ForConditionalGeneration.from_pretrained (hub name or local directory).
+    name_or_path: str = "tiny"
+    # T5 overflows in fp16, so fp16 is not offered. auto: bf16 on GPUs, fp32 on CPU
+    # (bf16 matmuls on CPUs without native bf16 units are several times slower).
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class FactorsConfig:
+    # Rank r of the per-task low-rank factors U_t [l, r], V_t [r, d]; 0 switches them off.
+    rank: int = 0
+    init_std: float = 0.01
+
+
+@dataclass
+class PromptConfig:
+    length: int = 16
+    particles: int = 1
+    init: Literal["random", "vocab", "file"] = "vocab"
+    init_std: float = 0.5
+    # prompts.safetensors of an earlier run: required by init=file and by stage spot.
+    init_file: Optional[str] = None
+    factors: FactorsConfig = field(default_factory=FactorsConfig)
+
+
+@dataclass
+class LocalTaskConfig:
+    """A task read from local files (JSON/JSONL, CSV or Parquet) through `datasets`."""
+
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    input_column: str = "input"
+    target_column: str = "target"
+    # Verbalized labels for rank classification; default: the sorted distinct train targets.
+    labels: Optional[list[str]] = None
+
+
+@dataclass
+class DataConfig:
+    # Training tasks: synthetic task names or names defined under data.local.
+    tasks: list[str] = field(default_factory=lambda: ["polarity"])
+    # Evaluation tasks; default: the training tasks.
+    eval_tasks: Optional[list[str]] = None
+    local: dict[str, LocalTaskConfig] = field(default_factory=dict)
+    synthetic_train_examples: int = 2000
+    synthetic_eval_examples: int = 200
+    max_source_length: int = 64
+    max_target_length: int = 8
+    # Cap on evaluation examples per task (0 = all).
+    max_eval_examples: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch_size: int = 32
+    # Per-rank micro-batch; gradient accumulation = global / (micro * world size).
+    micro_batch_size: int = 16
+    lr: float = 0.3
+    # Learning rate of the low-rank factors; default: train.lr.
+    factor_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 50
+    # Stop after this many evaluations without improvement of the mean eval metric; 0 = never.
+    patience: int = 0
+    eval_batch_size: int = 64
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    # auto: continue from the newest checkpoint in output_dir if there is one.
+    resume: Literal["auto", "never"] = "auto"
+
+
+@dataclass
+class DeepSpeedSection:
+    # A DeepSpeed JSON config; "auto" picks ds_configs/zero3_bf16.json on GPUs and
+    # ds_configs/cpu_zero3.json without one.
+    config: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["pt", "spot"] = "pt"
+    seed: int = 42
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of name to {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}' expects {_type_name(tp)}; got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{key}'.{hint} Accepted keys"
+                f"{' under ' + repr(prefix) if prefix else ''}: {', '.join(names)}"
+            )
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.steps=300' -> ('train.steps', 300); values are parsed as YAML scalars/lists."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}' must look like key.sub=value (e.g. train.steps=300)")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Builds the run config from an optional YAML file plus dotted overrides, then validates it."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(raw).__name__}")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    if raw.get("stage") == "spot" and isinstance(raw.get("prompt", {}), dict):
+        # SPoT starts from an earlier run's prompt: that is its init unless the user says otherwise.
+        raw.setdefault("prompt", {}).setdefault("init", "file")
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks relations between values that types alone cannot express."""
+    t, p, d = cfg.train, cfg.prompt, cfg.data
+    for key, value in [
+        ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size), ("prompt.length", p.length),
+        ("prompt.particles", p.particles), ("train.eval_batch_size", t.eval_batch_size),
+        ("train.log_every", t.log_every), ("data.max_source_length", d.max_source_length),
+        ("data.max_target_length", d.max_target_length), ("train.keep_checkpoints", t.keep_checkpoints),
+    ]:
+        _require(value >= 1, f"config key '{key}' must be >= 1; got {value}")
+    for key, value in [
+        ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+        ("train.patience", t.patience), ("train.warmup_steps", t.warmup_steps),
+        ("prompt.factors.rank", p.factors.rank), ("data.max_eval_examples", d.max_eval_examples),
+    ]:
+        _require(value >= 0, f"config key '{key}' must be >= 0; got {value}")
+    _require(t.lr > 0, f"config key 'train.lr' must be > 0; got {t.lr}")
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+        f"train.micro_batch_size ({t.micro_batch_size})",
+    )
+    _require(len(d.tasks) > 0, "config key 'data.tasks' must name at least one task")
+    from .data.tasks import check_task_names
+
+    check_task_names(d)
+    if p.init == "file" or cfg.stage == "spot":
+        _require(
+            p.init_file is not None,
+            f"stage '{cfg.stage}' with prompt.init={p.init} needs prompt.init_file: "
+            "the prompts.safetensors of an earlier run",
+        )
+    if cfg.stage == "spot":
+        _require(p.init == "file", "stage 'spot' initializes from a file: set prompt.init=file (or leave it unset)")
+    for name, local in d.local.items():
+        _require(local.train is not None or local.validation is not None,
+                 f"data.local.{name} needs a file: set data.local.{name}.train and/or .validation")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

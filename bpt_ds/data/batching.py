@@ -1,0 +1,108 @@
+"""Token ids, the deterministic multitask sampler and padded batches.
+
+The sampler is a pure function of (seed, step): resuming at step s replays exactly the
+batches an uninterrupted run would have seen, and every rank agrees on the global batch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model import IGNORE
+from .tasks import TaskData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedTask:
+    name: str
+    task_id: int
+    labels: list[str]
+    inputs: list[list[int]]
+    targets: list[list[int]]
+    target_index: list[int]          # index into labels of each example's target
+    label_ids: list[list[int]]       # token ids of each verbalized label
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids ending in eos, cut to max_length (keeping eos); returns (ids, truncated count)."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    out, cut = [], 0
+    for row in ids:
+        if len(row) > max_length:
+            row = row[: max_length - 1] + [eos]
+            cut += 1
+        out.append(row)
+    return out, cut
+
+
+def encode_task(tokenizer, task: TaskData, task_id: int, split: str,
+                max_source_length: int, max_target_length: int) -> EncodedTask:
+    rows = getattr(task, split)
+    inputs, cut_in = encode_texts(tokenizer, [r["input"] for r in rows], max_source_length)
+    label_ids, cut_lab = encode_texts(tokenizer, task.labels, max_target_length)
+    if cut_lab:
+        raise ValueError(f"task {task.name}: {cut_lab} labels are longer than "
+                         f"data.max_target_length={max_target_length}; raise it")
+    if cut_in:
+        log.warning("task %s (%s): %d of %d inputs longer than data.max_source_length=%d were truncated",
+                    task.name, split, cut_in, len(rows), max_source_length)
+    index = [task.labels.index(r["target"]) for r in rows]
+    return EncodedTask(task.name, task_id, task.labels, inputs, [label_ids[i] for i in index],
+                       index, label_ids)
+
+
+class MixtureSampler:
+    """Examples-proportional mixing over the concatenated training sets.
+
+    Position p of the stream (p = step * global_batch + i) is example perm_e[p mod N] of
+    epoch e = p // N, where perm_e is a permutation seeded by (seed, e).
+    """
+
+    def __init__(self, sizes: list[int], global_batch: int, seed: int):
+        if sum(sizes) == 0:
+            raise ValueError("no training examples in any task of data.tasks")
+        self.offsets = np.cumsum([0] + sizes)
+        self.total = int(self.offsets[-1])
+        self.global_batch = global_batch
+        self.seed = seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.total)}
+        return self._perms[epoch]
+
+    def global_batch_at(self, step: int) -> list[tuple[int, int]]:
+        """(task index, example index) pairs of the global batch of `step`."""
+        out = []
+        for p in range(step * self.global_batch, (step + 1) * self.global_batch):
+            flat = int(self._perm(p // self.total)[p % self.total])
+            task = int(np.searchsorted(self.offsets, flat, side="right") - 1)
+            out.append((task, flat - int(self.offsets[task])))
+        return out
+
+
+def collate(tasks: list[EncodedTask], picks: list[tuple[int, int]], pad_id: int) -> dict[str, torch.Tensor]:
+    inputs = [tasks[t].inputs[i] for t, i in picks]
+    targets = [tasks[t].targets[i] for t, i in picks]
+    return {
+        "input_ids": _pad(inputs, pad_id),
+        "attention_mask": _pad([[1] * len(x) for x in inputs], 0),
+        "labels": _pad(targets, IGNORE),
+        "task_ids": torch.tensor([tasks[t].task_id for t, _ in picks], dtype=torch.long),
+    }
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def pad_candidates(label_ids: list[list[int]]) -> torch.Tensor:
+    return _pad(label_ids, IGNORE)

@@ -1,0 +1,292 @@
+"""The DeepSpeed seam: config resolution, deepspeed.initialize, steps, evaluation,
+checkpoints and TensorBoard. Stages call this; nothing else imports DeepSpeed's engine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from .config import ConfigError, RunConfig
+from .data.batching import EncodedTask, collate, pad_candidates
+from .model import PromptedT5
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Keys the trainer fills from the run config; a DeepSpeed JSON may say "auto" or leave them out.
+FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping")
+
+
+# ------------------------------------------------------------------ processes
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Joins the job the launcher started; a plain `python launch/train.py` becomes a job of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import datetime
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_gpu() -> bool:
+    return get_accelerator().device_name() != "cpu"
+
+
+# ------------------------------------------------------------- DeepSpeed config
+
+
+def find_ds_config(name: str) -> Path:
+    if name == "auto":
+        name = "ds_configs/zero3_bf16.json" if on_gpu() else "ds_configs/cpu_zero3.json"
+    for candidate in (Path(name), PROJECT_ROOT / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"deepspeed.config: file '{name}' does not exist; use one of "
+                      f"{', '.join(sorted(p.name for p in (PROJECT_ROOT / 'ds_configs').glob('*.json')))} "
+                      "in ds_configs/ or your own DeepSpeed JSON")
+
+
+def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
+    """DeepSpeed's own JSON, with batch sizes, clipping and precision filled from the run config."""
+    path = find_ds_config(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: '{path}' is not valid JSON: {e}") from None
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * world):
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world}); "
+            f"e.g. train.micro_batch_size={max(1, t.global_batch_size // world)}")
+    filled = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world),
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for key, value in filled.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{path}: '{key}' is {ds[key]} but the run config gives {value}; "
+                              "set it to \"auto\" in the JSON and choose it under train.*")
+        ds[key] = value
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{path}: fp16 is enabled; T5 overflows in fp16. Use model.dtype=bf16 "
+                          "(\"bf16\": {\"enabled\": \"auto\"}) or fp32")
+    bf16 = ds.setdefault("bf16", {})
+    want = model_dtype(cfg) == "bf16"
+    if bf16.get("enabled", "auto") not in ("auto", want):
+        raise ConfigError(f"{path}: bf16.enabled is {bf16['enabled']} but model.dtype is "
+                          f"{cfg.model.dtype}; set bf16.enabled to \"auto\" or change model.dtype")
+    bf16["enabled"] = want
+    # The optimizer is ours (torch AdamW with per-part learning rates), which ZeRO accepts
+    # only when told so.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def model_dtype(cfg: RunConfig) -> str:
+    if cfg.model.dtype == "auto":
+        return "bf16" if on_gpu() else "fp32"
+    return cfg.model.dtype
+
+
+# -------------------------------------------------------------------- schedule
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+# ---------------------------------------------------------------------- engine
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes through a temporary sibling, then renames: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, model: PromptedT5, ds_config: dict):
+        self.cfg = cfg
+        self.model = model
+        t = cfg.train
+        bank = model.bank
+        groups = [{"params": [bank.particles], "lr": t.lr, "name": "particles"}]
+        if bank.rank > 0:
+            groups.append({"params": [bank.factor_u, bank.factor_v],
+                           "lr": t.factor_lr if t.factor_lr is not None else t.lr, "name": "factors"})
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.device = self.ds.device
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns this rank's mean loss per particle."""
+        self.ds.train()
+        total = None
+        for mb in micro_batches:
+            losses = self.ds(**self._to_device(mb))
+            # Each particle's gradient is that of its own loss: sum over particles.
+            self.ds.backward(losses.sum())
+            self.ds.step()
+            total = losses.detach().float() if total is None else total + losses.detach().float()
+        return total / len(micro_batches)
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def evaluate(self, tasks: list[EncodedTask], batch_size: int, pad_id: int) -> dict[str, dict]:
+        """Rank classification on every task; examples are sharded over ranks and each one is
+        counted exactly once. Every rank runs the same number of forward passes (ZeRO-3
+        gathers parameters collectively), padding its shard with placeholders it ignores."""
+        self.ds.eval()
+        r, w = rank(), world_size()
+        results = {}
+        for task in tasks:
+            n = len(task.inputs)
+            mine = list(range(r, n, w))
+            per_rank = math.ceil(n / w)
+            mine += [-1] * (per_rank - len(mine))
+            candidates = pad_candidates(task.label_ids).to(self.device)
+            preds: list[tuple[int, int]] = []
+            for start in range(0, per_rank, batch_size):
+                chunk = mine[start:start + batch_size]
+                batch = self._to_device(collate([task], [(0, max(i, 0)) for i in chunk], pad_id))
+                scores = self.model.score_candidates(batch["input_ids"], batch["attention_mask"],
+                                                     batch["task_ids"], candidates)
+                best = scores.argmax(-1).tolist()
+                preds += [(i, p) for i, p in zip(chunk, best) if i >= 0]
+            gathered: list[Any] = [None] * w
+            if w > 1:
+                dist.all_gather_object(gathered, preds)
+            else:
+                gathered = [preds]
+            pairs = dict(p for part in gathered for p in part)
+            correct = sum(int(pairs[i] == task.target_index[i]) for i in range(n))
+            results[task.name] = {"accuracy": correct / max(1, n), "examples": n}
+        return results
+
+    # --------------------------------------------------------------- checkpoints
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / "checkpoints"
+
+    def save_checkpoint(self, step: int, client_state: dict) -> Path:
+        """Trainable tensors and optimizer state only; the frozen backbone is not copied.
+
+        DeepSpeed writes into a temporary tag; rank 0 renames it into place and then
+        updates `latest` atomically, so a crash at any point leaves the previous
+        checkpoint intact and `latest` pointing at a complete one.
+        """
+        root = self.checkpoint_dir()
+        tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
+        if rank() == 0 and (root / tmp).exists():
+            shutil.rmtree(root / tmp)
+        barrier()
+        self.ds.save_checkpoint(str(root), tag=tmp, client_state=client_state,
+                                save_latest=False, exclude_frozen_parameters=True)
+        barrier()
+        if rank() == 0:
+            if (root / tag).exists():
+                shutil.rmtree(root / tag)
+            os.replace(root / tmp, root / tag)
+            atomic_write(root / "latest", lambda p: p.write_text(tag))
+            done = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step"))
+            for old in done[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        barrier()
+        return root / tag
+
+    def load_latest_checkpoint(self) -> Optional[dict]:
+        """Restores the newest complete checkpoint; returns its client state, or None if none."""
+        root = self.checkpoint_dir()
+        latest = root / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not (root / tag).is_dir():
+            raise FileNotFoundError(f"{latest} names checkpoint '{tag}', which is missing; "
+                                    f"delete {latest} to start over or restore the directory")
+        _, client_state = self.ds.load_checkpoint(str(root), tag=tag, load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client_state is None:
+            raise RuntimeError(f"could not load checkpoint {root / tag}")
+        return client_state
+
+    # ------------------------------------------------------------------- export
+    def full_trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The fp32 master values of the prompt bank, gathered in full (collective: all ranks call)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        bank = self.model.bank
+        full = {}
+        for name, param in bank.named_parameters():
+            value = safe_get_full_fp32_param(param)
+            if value is None:  # not under a ZeRO optimizer: the parameter is the master copy
+                value = param.detach()
+            full[name] = value.float().cpu().clone()
+        return full
+
+
+def peak_memory_mb() -> float:
+    if on_gpu():
+        return get_accelerator().max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,70 @@
+"""PromptedT5: the frozen backbone with the prompt bank in front of its encoder.
+
+Plain torch and transformers: DeepSpeed wraps this module, it does not know DeepSpeed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .prompts import PromptBank, prepend_prompts
+
+IGNORE = -100
+
+
+class PromptedT5(nn.Module):
+    def __init__(self, backbone: nn.Module, bank: PromptBank):
+        super().__init__()
+        self.backbone = backbone
+        self.bank = bank
+
+    def _prompted_inputs(self, input_ids, attention_mask, task_ids, aggregate: bool):
+        # Call the embedding module (never read its weight): under ZeRO-3 the weight is a
+        # partition and only the module's forward hook gathers it.
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        return prepend_prompts(self.bank(task_ids, aggregate), embeds, attention_mask)
+
+    def forward(self, input_ids, attention_mask, labels, task_ids) -> torch.Tensor:
+        """Loss of every particle on the batch, shape [M].
+
+        L(S_m; B) is the mean over examples of each example's mean target-token
+        cross-entropy, so splitting a batch into micro-batches or ranks of equal size
+        leaves the averaged gradient unchanged.
+        """
+        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=False)
+        m = embeds.shape[0] // input_ids.shape[0]
+        labels = labels.repeat(m, 1)
+        decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = self.backbone(inputs_embeds=embeds, attention_mask=mask,
+                               decoder_input_ids=decoder_input_ids).logits
+        return per_example_loss(logits, labels).view(m, -1).mean(1)
+
+    @torch.no_grad()
+    def score_candidates(self, input_ids, attention_mask, task_ids, candidates) -> torch.Tensor:
+        """Summed log-likelihood of every candidate target under the particle-mean prompt: [B, C].
+
+        candidates: [C, Lc] token ids padded with -100. The encoder runs once per example;
+        only the decoder sees each candidate (rank classification, no generation).
+        """
+        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=True)
+        hidden = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        b, c = hidden.shape[0], candidates.shape[0]
+        hidden = hidden.repeat_interleave(c, dim=0)
+        mask = mask.repeat_interleave(c, dim=0)
+        labels = candidates.repeat(b, 1)
+        decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = self.backbone(encoder_outputs=(hidden,), attention_mask=mask,
+                               decoder_input_ids=decoder_input_ids).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        keep = labels != IGNORE
+        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        return token_logp.sum(1).view(b, c)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each row's target, in fp32: [rows]."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                         ignore_index=IGNORE, reduction="none").view(labels.shape)
+    keep = (labels != IGNORE).float()
+    return (ce * keep).sum(1) / keep.sum(1).clamp(min=1.0)

@@ -1,0 +1,132 @@
+"""The prompt bank: the only trainable tensors of a run (plain torch, no DeepSpeed).
+
+prompt(task t, particle m) = S_m ∘ (U_t V_t)   (algorithms.md §1)
+
+S holds M particles of shape [l, d]; U_t [l, r] and V_t [r, d] are optional per-task
+low-rank factors. With factors off the prompt is S_m itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class PromptBank(nn.Module):
+    def __init__(self, num_particles: int, length: int, dim: int,
+                 tasks: Sequence[str] = (), rank: int = 0, factor_init_std: float = 0.01):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.rank = rank
+        self.particles = nn.Parameter(torch.zeros(num_particles, length, dim))
+        if rank > 0:
+            if not self.tasks:
+                raise ValueError("low-rank factors need at least one task name")
+            # Every entry r^(-1/2) makes U V all ones, so the prompt starts at S (plus small noise).
+            base = rank ** -0.5
+            t = len(self.tasks)
+            self.factor_u = nn.Parameter(base + factor_init_std * torch.randn(t, length, rank))
+            self.factor_v = nn.Parameter(base + factor_init_std * torch.randn(t, rank, dim))
+
+    @property
+    def num_particles(self) -> int:
+        return self.particles.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.particles.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.particles.shape[2]
+
+    def size(self) -> int:
+        """Number of trainable scalars: M·l·d + T·(l + d)·r."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_random(self, std: float, generator: torch.Generator) -> None:
+        self.particles.copy_(torch.randn(self.particles.shape, generator=generator) * std)
+
+    @torch.no_grad()
+    def init_rows(self, rows: torch.Tensor) -> None:
+        """Sets the particles from [M, l, d] rows (e.g. sampled vocabulary embeddings)."""
+        if rows.shape != self.particles.shape:
+            raise ValueError(f"prompt init rows have shape {tuple(rows.shape)}, "
+                             f"the bank needs {tuple(self.particles.shape)}")
+        self.particles.copy_(rows.to(self.particles.dtype))
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Loads `particles` (and factors of matching tasks) from a prompts file's tensors.
+
+        A file with one particle initializes every particle; one with M particles must
+        match M exactly. Factors are taken for tasks present in both, if any.
+        """
+        if "particles" not in tensors:
+            raise ValueError(f"{source} has no 'particles' tensor (keys: {sorted(tensors)})")
+        src = tensors["particles"]
+        m, l, d = self.particles.shape
+        if src.dim() != 3 or src.shape[1:] != (l, d) or src.shape[0] not in (1, m):
+            raise ValueError(
+                f"{source}: particles have shape {tuple(src.shape)}, this run needs [{m}, {l}, {d}] "
+                f"(or [1, {l}, {d}]); set prompt.length / prompt.particles to match the file")
+        self.particles.copy_(src.expand(m, l, d).to(self.particles.dtype))
+        if self.rank > 0:
+            for i, task in enumerate(self.tasks):
+                u, v = tensors.get(f"factors.{task}.U"), tensors.get(f"factors.{task}.V")
+                if u is not None and v is not None and u.shape == self.factor_u.shape[1:] \
+                        and v.shape == self.factor_v.shape[1:]:
+                    self.factor_u[i].copy_(u)
+                    self.factor_v[i].copy_(v)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, task_ids: torch.Tensor, aggregate: bool = False) -> torch.Tensor:
+        """Prompts for a batch: [M, B, l, d] (or [1, B, l, d] for the particle mean)."""
+        s = self.particles.mean(0, keepdim=True) if aggregate else self.particles
+        b = task_ids.shape[0]
+        if self.rank == 0:
+            return s[:, None].expand(s.shape[0], b, self.length, self.dim)
+        w = torch.bmm(self.factor_u[task_ids], self.factor_v[task_ids])  # [B, l, d]
+        return s[:, None] * w[None]
+
+    def export(self, values: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Tensors for prompts.safetensors: `particles` [M, l, d] and `factors.<task>.U/.V`.
+
+        values: full tensors by parameter name (e.g. gathered fp32 master copies);
+        default: this module's own parameters.
+        """
+        if values is None:
+            values = dict(self.named_parameters())
+        out = {"particles": values["particles"]}
+        if self.rank > 0:
+            for i, task in enumerate(self.tasks):
+                out[f"factors.{task}.U"] = values["factor_u"][i]
+                out[f"factors.{task}.V"] = values["factor_v"][i]
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+def prepend_prompts(prompts: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor):
+    """Folds the particle index into the batch: [M, B, l, d] + [B, T, d] -> [M·B, l+T, d].
+
+    Row m·B + b is particle m on example b, so one encoder pass serves every particle.
+    """
+    m, b, l, _ = prompts.shape
+    embeds = embeds.unsqueeze(0).expand(m, *embeds.shape)
+    full = torch.cat([prompts.to(embeds.dtype), embeds], dim=2).flatten(0, 1)
+    prompt_mask = mask.new_ones(m, b, l)
+    full_mask = torch.cat([prompt_mask, mask.unsqueeze(0).expand(m, *mask.shape)], dim=2).flatten(0, 1)
+    return full, full_mask
+
+
+def load_prompts_file(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file '{path}' does not exist (prompt.init_file); "
+                                "point it at the prompts.safetensors of an earlier run")
+    return load_file(str(p))
+

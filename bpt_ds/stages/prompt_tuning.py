@@ -1,0 +1,233 @@
+"""Prompt tuning (stage `pt`) and SPoT (stage `spot`) on a frozen T5.
+
+Features, and how each is switched on:
+- M prompt particles in one forward pass (particle index folded into the batch): prompt.particles
+- per-task low-rank factors, prompt = S ∘ (U_t V_t): prompt.factors.rank > 0, their lr train.factor_lr
+- prompt init: prompt.init = random | vocab | file (prompt.init_file); stage spot starts from a file
+- multitask training on synthetic tasks or local files: data.tasks, data.local.<name>.*
+- gradient accumulation: train.global_batch_size / (train.micro_batch_size x ranks)
+- learning-rate schedule: train.schedule, train.warmup_steps
+- evaluation (rank classification) every train.eval_every steps; early stopping: train.patience
+- checkpoints of trainable state every train.save_every steps; resume: train.resume=auto
+- activation checkpointing of the frozen backbone: model.gradient_checkpointing
+Outputs in output_dir: config.yaml, prompts.safetensors, metrics.json, tb/ (TensorBoard), checkpoints/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .. import engine as eng
+from ..backbone import load_backbone, sample_vocab_embeddings
+from ..config import RunConfig, to_yaml
+from ..data.batching import MixtureSampler, collate, encode_task
+from ..data.tasks import DataError, load_task
+from ..model import PromptedT5
+from ..prompts import PromptBank, load_prompts_file
+
+log = logging.getLogger(__name__)
+
+
+class PromptTuning:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.writer = None
+        self.step = 0
+        self.best = float("-inf")
+        self.evals_without_gain = 0
+        self.last_metrics: dict = {}
+        self.last_eval_step = -1
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        eng.init_distributed()
+        self.rank, self.world = eng.rank(), eng.world_size()
+        self.is_main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        ds_config = eng.resolve_ds_config(cfg, self.world)
+
+        # Data and the init file first: bad input fails before the backbone is loaded.
+        train_names = cfg.data.tasks
+        eval_names = cfg.data.eval_tasks or train_names
+        self.task_names = list(dict.fromkeys(train_names + eval_names))
+        raw = {name: load_task(name, cfg.data, cfg.seed) for name in self.task_names}
+        for name in train_names:
+            if not raw[name].train:
+                raise DataError(f"task {name} is in data.tasks but has no training rows; "
+                                f"set data.local.{name}.train")
+        for name in eval_names:
+            if not raw[name].validation and cfg.train.eval_every:
+                raise DataError(f"task {name} is evaluated but has no validation rows; set "
+                                f"data.local.{name}.validation, or train.eval_every=0")
+        init_tensors = (load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None)
+
+        backbone = load_backbone(cfg.model.name_or_path, ds_config, eng.model_dtype(cfg),
+                                 progress=self.is_main)
+        if cfg.model.gradient_checkpointing:
+            backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.tokenizer = backbone.tokenizer
+        p = cfg.prompt
+        bank = PromptBank(p.particles, p.length, backbone.model.config.d_model, tasks=self.task_names,
+                          rank=p.factors.rank, factor_init_std=p.factors.init_std)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        if p.init == "random":
+            bank.init_random(p.init_std, gen)
+        elif p.init == "vocab":
+            rows = sample_vocab_embeddings(backbone.model, p.particles * p.length, gen)
+            bank.init_rows(rows.view(p.particles, p.length, -1))
+        else:
+            bank.load_tensors(init_tensors, p.init_file)
+        self.bank_size = bank.size()
+        self.engine = eng.Engine(cfg, PromptedT5(backbone.model, bank), ds_config)
+        self._check_trainable(backbone.model)
+
+        d = cfg.data
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "train",
+                                        d.max_source_length, d.max_target_length) for n in train_names]
+        self.eval_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "validation",
+                                       d.max_source_length, d.max_target_length) for n in eval_names]
+        if d.max_eval_examples:
+            for t in self.eval_tasks:
+                for attr in ("inputs", "targets", "target_index"):
+                    setattr(t, attr, getattr(t, attr)[: d.max_eval_examples])
+        self.sampler = MixtureSampler([len(t.inputs) for t in self.train_tasks],
+                                      cfg.train.global_batch_size, cfg.seed)
+
+        if cfg.train.resume == "auto":
+            state = self.engine.load_latest_checkpoint()
+            if state is not None:
+                self.step = int(state["step"])
+                self.best = float(state["best"])
+                self.evals_without_gain = int(state["evals_without_gain"])
+                self._info(f"resumed from step {self.step} ({self.engine.checkpoint_dir()})")
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            eng.atomic_write(self.out / "config.yaml", lambda f: f.write_text(to_yaml(cfg)))
+            self.writer = SummaryWriter(str(self.out / "tb"))
+            self.writer.add_text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.step)
+            accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.world)
+            self._info(
+                f"stage {cfg.stage}: backbone {backbone.path} ({eng.model_dtype(cfg)}, frozen), "
+                f"{self.world} rank(s), global batch {cfg.train.global_batch_size} = micro "
+                f"{cfg.train.micro_batch_size} x accumulation {accum} x ranks {self.world}; "
+                f"trainable parameters: {self.bank_size:,} (prompt bank only)")
+
+    def _check_trainable(self, backbone) -> None:
+        """Only the prompt bank may train: a backbone weight with requires_grad is a bug."""
+        leaked = [n for n, p in backbone.named_parameters() if p.requires_grad]
+        if leaked:
+            raise RuntimeError(f"backbone parameters are trainable: {leaked[:5]}")
+
+    def _info(self, message: str) -> None:
+        if self.is_main:
+            print(f"[bpt_ds] {message}", flush=True)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        per_rank = t.global_batch_size // self.world
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc=f"{cfg.stage}",
+                   dynamic_ncols=True)
+        window_loss, window_steps, window_samples, window_tokens = None, 0, 0, 0
+        window_start = time.perf_counter()
+        while self.step < t.steps:
+            picks = self.sampler.global_batch_at(self.step)
+            mine = picks[self.rank * per_rank:(self.rank + 1) * per_rank]
+            micro = [collate(self.train_tasks, mine[i:i + t.micro_batch_size], self.pad_id)
+                     for i in range(0, per_rank, t.micro_batch_size)]
+            losses = self.engine.train_step(micro)
+            self.step += 1
+            window_loss = losses if window_loss is None else window_loss + losses
+            window_steps += 1
+            window_samples += len(picks)
+            window_tokens += sum(len(self.train_tasks[k].inputs[i]) + len(self.train_tasks[k].targets[i])
+                                 for k, i in picks)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                loss = window_loss / window_steps
+                if self.world > 1:
+                    dist.all_reduce(loss)
+                    loss /= self.world
+                elapsed = time.perf_counter() - window_start
+                self._log_train(loss, window_samples / elapsed, window_tokens / elapsed)
+                bar.set_postfix(loss=f"{loss.mean().item():.4f}")
+                window_loss, window_steps, window_samples, window_tokens = None, 0, 0, 0
+                window_start = time.perf_counter()
+            bar.update(1)
+            stop = False
+            if t.eval_every and self.step % t.eval_every == 0:
+                stop = self._evaluate()
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps or stop:
+                self.engine.save_checkpoint(self.step, {"step": self.step, "best": self.best,
+                                                        "evals_without_gain": self.evals_without_gain})
+            if stop:
+                self._info(f"early stop at step {self.step}: no gain in {t.patience} evaluations")
+                break
+        bar.close()
+
+    def _log_train(self, loss: torch.Tensor, samples_per_s: float, tokens_per_s: float) -> None:
+        if not self.is_main:
+            return
+        w, s = self.writer, self.step
+        w.add_scalar("train/loss", loss.mean().item(), s)
+        if loss.numel() > 1:
+            for m, value in enumerate(loss.tolist()):
+                w.add_scalar(f"train/loss_particle_{m}", value, s)
+        w.add_scalar("train/lr", self.engine.lr(), s)
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            w.add_scalar("train/grad_norm", norm, s)
+        w.add_scalar("perf/samples_per_s", samples_per_s, s)
+        w.add_scalar("perf/tokens_per_s", tokens_per_s, s)
+        w.add_scalar("perf/peak_memory_mb", eng.peak_memory_mb(), s)
+
+    def _evaluate(self) -> bool:
+        """Evaluates every eval task; returns True when early stopping says stop."""
+        metrics = self.engine.evaluate(self.eval_tasks, self.cfg.train.eval_batch_size, self.pad_id)
+        self.last_metrics, self.last_eval_step = metrics, self.step
+        if self.is_main:
+            for task, values in metrics.items():
+                self.writer.add_scalar(f"eval/{task}/accuracy", values["accuracy"], self.step)
+            summary = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in metrics.items())
+            tqdm.write(f"[bpt_ds] step {self.step} eval accuracy: {summary}")
+        score = sum(v["accuracy"] for v in metrics.values()) / len(metrics)
+        if score > self.best:
+            self.best, self.evals_without_gain = score, 0
+        else:
+            self.evals_without_gain += 1
+        return bool(self.cfg.train.patience) and self.evals_without_gain >= self.cfg.train.patience
+
+    # ----------------------------------------------------------------- finish
+    def finish(self) -> dict:
+        if self.eval_tasks and self.last_eval_step != self.step:
+            self._evaluate()
+        tensors = self.engine.model.bank.export(self.engine.full_trainable_tensors())
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            eng.atomic_write(self.out / "prompts.safetensors", lambda f: save_file(tensors, str(f)))
+            eng.atomic_write(self.out / "metrics.json",
+                             lambda f: f.write_text(json.dumps(self.last_metrics, indent=2) + "\n"))
+            self.writer.flush()
+            self._info(f"done at step {self.step}. Outputs in {self.out.resolve()}:")
+            self._info(f"  prompts      {self.out / 'prompts.safetensors'}")
+            self._info(f"  metrics      {self.out / 'metrics.json'}")
+            self._info(f"  config       {self.out / 'config.yaml'}")
+            self._info(f"  checkpoints  {self.engine.checkpoint_dir()}")
+            self._info(f"  TensorBoard  tensorboard --logdir {self.out / 'tb'}")
+        eng.barrier()
+        return self.last_metrics
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
