@@ -178,6 +178,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects text; got {value!r}: YAML reads yes/no/on/off/"
+                              f"true/false as booleans, so quote it (\"{str(value).lower()}\")")
+        if isinstance(value, (int, float)):
+            return str(value)  # labels such as 0 / 1 are text to the model
         if not isinstance(value, str):
             raise bad
         return value

@@ -108,10 +108,14 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
         raise ConfigError(f"{path}: fp16 is enabled; T5 overflows in fp16. Use model.dtype=bf16 "
                           "(\"bf16\": {\"enabled\": \"auto\"}) or fp32")
     bf16 = ds.setdefault("bf16", {})
-    want = model_dtype(cfg) == "bf16"
-    if bf16.get("enabled", "auto") not in ("auto", want):
-        raise ConfigError(f"{path}: bf16.enabled is {bf16['enabled']} but model.dtype is "
-                          f"{cfg.model.dtype}; set bf16.enabled to \"auto\" or change model.dtype")
+    in_json = bf16.get("enabled", "auto")
+    if cfg.model.dtype == "auto" and in_json != "auto":
+        want = bool(in_json)  # the DeepSpeed JSON decides when the run config leaves it open
+    else:
+        want = model_dtype(cfg) == "bf16"
+        if in_json not in ("auto", want):
+            raise ConfigError(f"{path}: bf16.enabled is {in_json} but model.dtype is "
+                              f"{cfg.model.dtype}; set bf16.enabled to \"auto\" or change model.dtype")
     bf16["enabled"] = want
     # The optimizer is ours (torch AdamW with per-part learning rates), which ZeRO accepts
     # only when told so.
@@ -121,9 +125,15 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
 
 
 def model_dtype(cfg: RunConfig) -> str:
+    """The dtype model.dtype asks for; "auto" is bf16 on GPUs and fp32 on CPU."""
     if cfg.model.dtype == "auto":
         return "bf16" if on_gpu() else "fp32"
     return cfg.model.dtype
+
+
+def ds_dtype(ds_config: dict) -> str:
+    """The dtype a resolved DeepSpeed config trains in (what the backbone must be loaded as)."""
+    return "bf16" if ds_config["bf16"]["enabled"] else "fp32"
 
 
 # -------------------------------------------------------------------- schedule

@@ -69,7 +69,7 @@ class PromptTuning:
                                 f"data.local.{name}.validation, or train.eval_every=0")
         init_tensors = (load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None)
 
-        backbone = load_backbone(cfg.model.name_or_path, ds_config, eng.model_dtype(cfg),
+        backbone = load_backbone(cfg.model.name_or_path, ds_config, eng.ds_dtype(ds_config),
                                  progress=self.is_main)
         if cfg.model.gradient_checkpointing:
             backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,7 +118,7 @@ class PromptTuning:
             self.writer.add_text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.step)
             accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.world)
             self._info(
-                f"stage {cfg.stage}: backbone {backbone.path} ({eng.model_dtype(cfg)}, frozen), "
+                f"stage {cfg.stage}: backbone {backbone.path} ({eng.ds_dtype(ds_config)}, frozen), "
                 f"{self.world} rank(s), global batch {cfg.train.global_batch_size} = micro "
                 f"{cfg.train.micro_batch_size} x accumulation {accum} x ranks {self.world}; "
                 f"trainable parameters: {self.bank_size:,} (prompt bank only)")

@@ -1,0 +1,32 @@
+"""Starting real multi-process jobs from tests: the `deepspeed` launcher on CPU (gloo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+
+
+def ds_env(cache: Path, ranks: int) -> dict:
+    env = dict(os.environ)
+    env["BPT_DS_CACHE"] = str(cache)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "dist"), env.get("PYTHONPATH", "")])
+    # Ranks share the CPU cores; more threads than cores makes every rank crawl.
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    return env
+
+
+def ds_command(ranks: int, script: str, *args: str, port: int = 29600) -> list[str]:
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+
+
+def run_ds(ranks: int, script: str, *args: str, cache: Path, cwd: Path | None = None,
+           port: int = 29600, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(ds_command(ranks, script, *args, port=port), env=ds_env(cache, ranks), cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
+    return proc

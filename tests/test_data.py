@@ -1,0 +1,111 @@
+"""Local data files through `datasets`, their errors, tokenization and the sampler."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from bpt_ds.config import ConfigError, load_config
+from bpt_ds.data.batching import MixtureSampler, collate, encode_task, encode_texts
+from bpt_ds.data.tasks import DataError, load_task
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def data_cfg(tmp_path, **local):
+    overrides = [f"data.local.mine.{k}={v}" for k, v in local.items()] + ["data.tasks=[mine]"]
+    return load_config(None, overrides).data
+
+
+def test_json_csv_and_parquet_give_the_same_rows(tmp_path):
+    import pandas as pd
+
+    rows = [{"text": "good day", "label": 1}, {"text": "bad day", "label": 0}, {"text": "fine", "label": 1}]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
+    loaded = []
+    for name in ("t.jsonl", "t.csv", "t.parquet"):
+        cfg = data_cfg(tmp_path, train=tmp_path / name, input_column="text", target_column="label")
+        loaded.append(load_task("mine", cfg, seed=0))
+    for task in loaded:
+        assert task.labels == ["0", "1"]
+        assert task.train == [{"input": "good day", "target": "1"}, {"input": "bad day", "target": "0"},
+                              {"input": "fine", "target": "1"}]
+
+
+def test_missing_file_column_and_malformed_rows(tmp_path):
+    cfg = data_cfg(tmp_path, train=tmp_path / "none.jsonl")
+    with pytest.raises(DataError) as e:
+        load_task("mine", cfg, 0)
+    assert str(e.value) == f"data.local.mine.train: file '{tmp_path / 'none.jsonl'}' does not exist"
+
+    f = write_jsonl(tmp_path / "a.jsonl", [{"sentence": "x", "target": "y"}])
+    with pytest.raises(DataError) as e:
+        load_task("mine", data_cfg(tmp_path, train=f), 0)
+    assert str(e.value) == (f"data.local.mine.train: '{f}' has no column 'input' (data.local.mine.input_column); "
+                            "its columns are: sentence, target")
+
+    f = write_jsonl(tmp_path / "b.jsonl", [{"input": "ok", "target": "y"}, {"input": "", "target": "y"}])
+    with pytest.raises(DataError) as e:
+        load_task("mine", data_cfg(tmp_path, train=f), 0)
+    assert str(e.value) == f"{f}, row 2: column 'input' must be non-empty text; got ''"
+
+    f = write_jsonl(tmp_path / "c.jsonl", [{"input": "ok", "target": "y"}, {"input": "ok", "target": None}])
+    with pytest.raises(DataError) as e:
+        load_task("mine", data_cfg(tmp_path, train=f), 0)
+    assert str(e.value) == f"{f}, row 2: column 'target' must be a label; got None"
+
+    f = write_jsonl(tmp_path / "d.jsonl", [{"input": "ok", "target": "maybe"}])
+    with pytest.raises(DataError) as e:
+        load_task("mine", data_cfg(tmp_path, train=f, labels='["yes", "no"]'), 0)
+    assert str(e.value) == (f"{f}, row 1: target 'maybe' is not one of data.local.mine.labels ['yes', 'no']; "
+                            "add it there or fix the row")
+
+    with pytest.raises(ConfigError) as e:
+        data_cfg(tmp_path, train=f, labels="[yes, no]")
+    assert str(e.value) == ("config key 'data.local.mine.labels[0]' expects text; got True: YAML reads "
+                            'yes/no/on/off/true/false as booleans, so quote it ("true")')
+
+    f = tmp_path / "e.jsonl"
+    f.write_text('{"input": "ok", "target": "y"}\n{"input": broken\n')
+    with pytest.raises(DataError, match=f"data.local.mine.train: '{f}' is not a readable json file"):
+        load_task("mine", data_cfg(tmp_path, train=f), 0)
+
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    with pytest.raises(DataError, match="cannot read .* use one of the suffixes .json, .jsonl, .csv, .parquet"):
+        load_task("mine", data_cfg(tmp_path, train=f), 0)
+
+
+def test_truncation_keeps_eos_and_is_counted(tiny_backbone_path, caplog):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone_path)
+    ids, cut = encode_texts(tok, ["positive", "a b c d e f g h i j k"], max_length=4)
+    assert cut == 1 and len(ids[1]) == 4 and ids[1][-1] == tok.eos_token_id and ids[0][-1] == tok.eos_token_id
+    cfg = load_config(None, ["data.synthetic_train_examples=20"]).data
+    task = load_task("polarity", cfg, seed=0)
+    with caplog.at_level(logging.WARNING):
+        enc = encode_task(tok, task, 0, "train", max_source_length=5, max_target_length=8)
+    assert "task polarity (train): 20 of 20 inputs longer than data.max_source_length=5 were truncated" in caplog.text
+    assert all(len(x) == 5 for x in enc.inputs)
+    batch = collate([enc], [(0, 0), (0, 1)], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, 5) and batch["labels"].shape[0] == 2
+    assert (batch["task_ids"] == 0).all()
+
+
+def test_sampler_is_a_deterministic_epoch_stream():
+    s = MixtureSampler([5, 3], global_batch=4, seed=1)
+    stream = [p for step in range(4) for p in s.global_batch_at(step)]  # 16 draws = 2 epochs of 8
+    first, second = stream[:8], stream[8:16]
+    everything = [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
+    assert sorted(first) == sorted(everything) == sorted(second)
+    assert first != second
+    # A fresh sampler (a resumed run) at step 3 sees what the first one saw.
+    assert MixtureSampler([5, 3], 4, seed=1).global_batch_at(3) == s.global_batch_at(3)
+    assert MixtureSampler([5, 3], 4, seed=2).global_batch_at(0) != s.global_batch_at(0)

@@ -1,0 +1,100 @@
+"""The prompt bank and how prompts enter the encoder (plain torch, one process)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpt_ds.model import PromptedT5, per_example_loss
+from bpt_ds.prompts import PromptBank, prepend_prompts
+
+
+def test_particles_fold_into_the_batch():
+    bank = PromptBank(3, 2, 4)
+    bank.init_random(1.0, torch.Generator().manual_seed(0))
+    embeds = torch.randn(5, 6, 4)
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    full, full_mask = prepend_prompts(bank(torch.zeros(5, dtype=torch.long)), embeds, mask)
+    assert full.shape == (15, 8, 4) and full_mask.shape == (15, 8)
+    for m in range(3):
+        for b in range(5):
+            assert torch.equal(full[m * 5 + b, :2], bank.particles[m])
+            assert torch.equal(full[m * 5 + b, 2:], embeds[b])
+            assert torch.equal(full_mask[m * 5 + b], torch.cat([torch.ones(2, dtype=torch.long), mask[b]]))
+
+
+def test_factors_start_near_the_shared_prompt_and_follow_the_task():
+    torch.manual_seed(0)
+    bank = PromptBank(2, 3, 8, tasks=["a", "b"], rank=1, factor_init_std=0.0)
+    bank.init_random(1.0, torch.Generator().manual_seed(1))
+    out = bank(torch.tensor([0, 1]))
+    torch.testing.assert_close(out, bank.particles[:, None].expand(2, 2, 3, 8))  # U V = all ones
+    with torch.no_grad():
+        bank.factor_u[1].fill_(2.0)
+    out = bank(torch.tensor([0, 1]))
+    torch.testing.assert_close(out[:, 1], bank.particles * 2.0)
+    assert bank.size() == 2 * 3 * 8 + 2 * (3 + 8) * 1
+    exported = bank.export()
+    assert set(exported) == {"particles", "factors.a.U", "factors.a.V", "factors.b.U", "factors.b.V"}
+    assert exported["factors.b.U"].shape == (3, 1) and exported["factors.b.V"].shape == (1, 8)
+
+
+def test_aggregate_is_the_particle_mean():
+    bank = PromptBank(4, 2, 3)
+    bank.init_random(1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bank(torch.zeros(2, dtype=torch.long), aggregate=True)[0, 0], bank.particles.mean(0))
+
+
+def test_load_tensors_checks_shapes():
+    bank = PromptBank(2, 3, 4, tasks=["a"], rank=1)
+    bank.load_tensors({"particles": torch.ones(1, 3, 4), "factors.a.U": torch.full((3, 1), 2.0),
+                       "factors.a.V": torch.ones(1, 4)}, "f.safetensors")
+    assert torch.equal(bank.particles, torch.ones(2, 3, 4)) and torch.equal(bank.factor_u[0], torch.full((3, 1), 2.0))
+    with pytest.raises(ValueError, match=r"f.safetensors: particles have shape \(1, 5, 4\), this run needs "
+                                         r"\[2, 3, 4\] \(or \[1, 3, 4\]\); set prompt.length / prompt.particles"):
+        bank.load_tensors({"particles": torch.ones(1, 5, 4)}, "f.safetensors")
+    with pytest.raises(ValueError, match="f.safetensors has no 'particles' tensor"):
+        bank.load_tensors({"x": torch.ones(1)}, "f.safetensors")
+
+
+def test_per_example_loss_ignores_padding():
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    loss = per_example_loss(logits, labels)
+    lp = torch.log_softmax(logits, -1)
+    expected = torch.stack([-(lp[0, 0, 1] + lp[0, 1, 2]) / 2, -lp[1, 0, 3]])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_all_particles_in_one_pass_match_one_pass_per_particle(tiny_backbone_path):
+    from transformers import T5ForConditionalGeneration
+
+    backbone = T5ForConditionalGeneration.from_pretrained(tiny_backbone_path).requires_grad_(False)
+    bank = PromptBank(3, 4, backbone.config.d_model)
+    bank.init_random(0.5, torch.Generator().manual_seed(0))
+    model = PromptedT5(backbone, bank)
+    batch = dict(input_ids=torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]),
+                 attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+                 labels=torch.tensor([[10, 1], [11, 1]]), task_ids=torch.zeros(2, dtype=torch.long))
+    losses = model(**batch)
+    losses.sum().backward()
+    grads = bank.particles.grad.clone()
+    assert losses.shape == (3,)
+    for m in range(3):
+        single = PromptBank(1, 4, backbone.config.d_model)
+        single.init_rows(bank.particles[m:m + 1].detach())
+        alone = PromptedT5(backbone, single)(**batch)
+        alone.sum().backward()
+        torch.testing.assert_close(alone[0], losses[m], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(single.particles.grad[0], grads[m], rtol=1e-4, atol=1e-6)
+    # Rank classification scores are log-likelihoods: the true label of a tiny batch scores as the loss says.
+    cands = torch.tensor([[10, 1], [11, 1]])
+    single = PromptBank(1, 4, backbone.config.d_model)
+    single.init_rows(bank.particles.mean(0, keepdim=True).detach())
+    scores = PromptedT5(backbone, single).score_candidates(batch["input_ids"], batch["attention_mask"],
+                                                          batch["task_ids"], cands)
+    loss_mean = PromptedT5(backbone, single)(**batch)
+    torch.testing.assert_close(model.score_candidates(batch["input_ids"], batch["attention_mask"],
+                                                      batch["task_ids"], cands), scores)
+    per_ex = -torch.stack([scores[0, 0], scores[1, 1]]) / 2  # two target tokens each
+    torch.testing.assert_close(per_ex.mean(), loss_mean[0], rtol=1e-5, atol=1e-6)
