@@ -108,8 +108,9 @@ def restore_untied_lm_head(model: T5ForConditionalGeneration, path: str, ds_conf
         return False  # the checkpoint itself is tied; nothing to restore
     head = model.lm_head
     if head.weight is model.get_input_embeddings().weight:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=is_zero3(ds_config),
-                                 dtype=head.weight.dtype):
+        # No dtype argument: zero.Init (0.19.8) ignores it on accelerators without fp16 and
+        # takes bf16/fp32 from the config instead, which is what the backbone was loaded in.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=is_zero3(ds_config)):
             head = torch.nn.Linear(head.in_features, head.out_features, bias=False,
                                    dtype=head.weight.dtype)
         model.lm_head = head

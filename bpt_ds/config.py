@@ -174,6 +174,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads 1e-6 (no dot) as text; a number written that way is still a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

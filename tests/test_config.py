@@ -15,8 +15,8 @@ def test_defaults_are_the_embedded_tiny_run():
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "x.yaml"
     f.write_text("train:\n  steps: 10\n  lr: 0.1\nprompt:\n  length: 4\n")
-    cfg = load_config(str(f), ["train.steps=30", "data.tasks=[sentiment, mood]", "model.dtype=bf16"])
-    assert cfg.train.steps == 30 and cfg.train.lr == 0.1 and cfg.prompt.length == 4
+    cfg = load_config(str(f), ["train.steps=30", "train.factor_lr=1e-3", "data.tasks=[sentiment, mood]", "model.dtype=bf16"])
+    assert cfg.train.steps == 30 and cfg.train.lr == 0.1 and cfg.train.factor_lr == 1e-3 and cfg.prompt.length == 4
     assert cfg.data.tasks == ["sentiment", "mood"] and cfg.model.dtype == "bf16"
     # The saved config round-trips to the same values.
     saved = tmp_path / "saved.yaml"
@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     ("trian.steps=3", "unknown config key 'trian'. Did you mean 'train'? Accepted keys: stage, seed, output_dir, "),
     ("train.steps=abc", "config key 'train.steps' expects int; got 'abc'"),
     ("train.steps=2.5", "config key 'train.steps' expects int; got 2.5"),
+    ("train.lr=fast", "config key 'train.lr' expects float; got 'fast'"),
     ("model.dtype=fp16", "config key 'model.dtype' expects one of 'auto', 'bf16', 'fp32'; got 'fp16'"),
     ("stage=mpt", "config key 'stage' expects one of 'pt', 'spot'; got 'mpt'"),
     ("train.steps=0", "config key 'train.steps' must be >= 1; got 0"),

@@ -93,8 +93,8 @@ def test_one_and_two_ranks_agree_and_resume_after_kill_matches(cache, tmp_path):
     assert ref.returncode == 0
     torch.testing.assert_close(prompts(killed), prompts(tmp_path / "ref"), rtol=0, atol=1e-6)
     # Only complete checkpoints remain, no more than train.keep_checkpoints of them.
-    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
-    assert names == ["latest", "step00000042", "step00000048"]
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step00000042", "step00000048"]
 
 
 def test_spot_starts_from_an_earlier_prompt(cache, tmp_path):
