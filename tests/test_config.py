@@ -1,6 +1,8 @@
 """Config parsing and validation: bad input fails at once, naming the key and the fix."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bpt_ds.config import ConfigError, load_config, to_yaml
@@ -75,3 +77,9 @@ def test_ds_config_gets_batch_sizes_and_checks_conflicts(tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.config: file 'missing.json' does not exist; use one of "
                                           "cpu_zero3.json, zero3_bf16.json, zero3_offload_param.json"):
         resolve_ds_config(load_config(None, ["deepspeed.config=missing.json"]), world=1)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(str(path))
+    assert cfg.stage in ("pt", "spot")
