@@ -70,7 +70,12 @@ def test_one_and_two_ranks_agree_and_resume_after_kill_matches(cache, tmp_path):
     assert p1.shape == (1, 8, 128)
     # Same global batch, same data order: the same prompts up to float summation order.
     torch.testing.assert_close(p2, p1, rtol=0, atol=2e-5)
-    assert (p1 - load_file(str(two / "prompts.safetensors"))["particles"]).abs().max() < 2e-5
+    # Non-reentrant activation checkpointing of the frozen, partitioned backbone changes nothing.
+    checkpointed = tmp_path / "checkpointed"
+    assert run_ds(2, TRAIN, f"output_dir={checkpointed}", *SHORT_RUN, "model.gradient_checkpointing=true",
+                  cache=cache).returncode == 0
+    # (Recomputation reorders float sums; Adam magnifies that on near-zero gradients.)
+    torch.testing.assert_close(prompts(checkpointed), p2, rtol=0, atol=1e-3)
 
     # Kill a 2-rank run with SIGKILL once it has written a checkpoint, then run it again.
     cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=48", "train.schedule=constant")
