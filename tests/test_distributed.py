@@ -36,8 +36,8 @@ def prompts(run_dir: Path) -> torch.Tensor:
 def test_two_ranks_learn_and_backbone_is_untouched(cache, tmp_path):
     out = tmp_path / "run"
     proc = run_ds(2, str(ROOT / "tests/dist/train_and_check.py"), str(tmp_path / "check.json"),
-                  f"output_dir={out}", "model.dtype=bf16", "train.steps=40", "train.eval_every=20",
-                  "train.log_every=5", "train.lr=0.3", "train.global_batch_size=32",
+                  f"output_dir={out}", "model.dtype=bf16", "train.steps=80", "train.eval_every=40",
+                  "train.log_every=10", "train.lr=0.3", "train.global_batch_size=32",
                   "train.micro_batch_size=16", "data.max_eval_examples=200", cache=cache)
     assert proc.returncode == 0
     check = json.loads((tmp_path / "check.json").read_text())
@@ -104,7 +104,7 @@ def test_one_and_two_ranks_agree_and_resume_after_kill_matches(cache, tmp_path):
 
 def test_spot_starts_from_an_earlier_prompt(cache, tmp_path):
     source = tmp_path / "source"
-    assert run_ds(1, TRAIN, f"output_dir={source}", "model.dtype=fp32", "train.steps=60", "train.eval_every=0",
+    assert run_ds(1, TRAIN, f"output_dir={source}", "model.dtype=fp32", "train.steps=100", "train.eval_every=0",
                   "train.lr=0.3", cache=cache).returncode == 0
     source_acc = json.loads((source / "metrics.json").read_text())["polarity"]["accuracy"]
     # One step at a tiny learning rate: the target can only be as good as its start.
@@ -164,3 +164,24 @@ def test_default_command_runs_end_to_end(cache, tmp_path):
     assert metrics["polarity"]["accuracy"] >= 0.9
     assert prompts(out).shape == (1, 16, 128)
     assert any((out / "tb").iterdir())
+
+
+def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
+    out = tmp_path / "run"
+    proc = run_ds(2, TRAIN, f"output_dir={out}", "model.dtype=fp32", "prompt.particles=2", "prompt.factors.rank=2",
+                  "data.tasks=[polarity, sentiment]", "train.steps=50", "train.eval_every=1", "train.patience=2",
+                  "train.log_every=1", "train.lr=1e-9", "train.factor_lr=1e-9", "data.max_eval_examples=64",
+                  "train.global_batch_size=16", "train.micro_batch_size=4", cache=cache)
+    assert proc.returncode == 0
+    # A learning rate of 1e-9 cannot change accuracy: best at step 1, then two evaluations without gain.
+    assert "early stop at step 3: no gain in 2 evaluations" in proc.stdout
+    tensors = load_file(str(out / "prompts.safetensors"))
+    assert tensors["particles"].shape == (2, 16, 128)
+    for task in ("polarity", "sentiment"):
+        assert tensors[f"factors.{task}.U"].shape == (16, 2)
+        assert tensors[f"factors.{task}.V"].shape == (2, 128)
+    assert set(json.loads((out / "metrics.json").read_text())) == {"polarity", "sentiment"}
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert {"train/loss_particle_0", "train/loss_particle_1"} <= set(acc.Tags()["scalars"])
+    assert "trainable parameters: 4,672 (prompt bank only)" in proc.stdout  # 2·16·128 + 2·(16+128)·2

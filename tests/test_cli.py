@@ -1,0 +1,43 @@
+"""The entry point's error path: bad input stops the run before any model is built or loaded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from jobs import ROOT, TRAIN
+
+
+def run_cli(*args, cache):
+    env = dict(os.environ, BPT_DS_CACHE=str(cache))
+    return subprocess.run([sys.executable, TRAIN, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_config_typo_fails_at_once(tmp_path):
+    proc = run_cli("train.stpes=3", cache=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bpt_ds: error: unknown config key 'train.stpes'. Did you mean 'train.steps'?")
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_data_file_fails_before_the_model_is_built(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"input": "fine", "target": "a"}) + "\n" + json.dumps({"input": None, "target": "b"}) + "\n")
+    cache = tmp_path / "cache"
+    proc = run_cli("data.tasks=[mine]", f"data.local.mine.train={bad}", f"data.local.mine.validation={bad}",
+                   f"output_dir={tmp_path / 'out'}", cache=cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"bpt_ds: error: {bad}, row 2: column 'input' must be non-empty text; got None" in proc.stderr
+    # Nothing expensive happened: no tiny backbone was built.
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_missing_init_file_is_named(tmp_path):
+    proc = run_cli("stage=spot", "prompt.init_file=nowhere/prompts.safetensors", f"output_dir={tmp_path / 'o'}",
+                   cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert ("bpt_ds: error: prompt file 'nowhere/prompts.safetensors' does not exist (prompt.init_file); "
+            "point it at the prompts.safetensors of an earlier run") in proc.stderr
+    assert not (tmp_path / "cache").exists()
