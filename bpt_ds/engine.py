@@ -25,9 +25,6 @@ from .model import PromptedT5
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Keys the trainer fills from the run config; a DeepSpeed JSON may say "auto" or leave them out.
-FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "gradient_clipping")
 
 
 # ------------------------------------------------------------------ processes
@@ -81,7 +78,11 @@ def find_ds_config(name: str) -> Path:
 
 
 def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
-    """DeepSpeed's own JSON, with batch sizes, clipping and precision filled from the run config."""
+    """DeepSpeed's own JSON, with batch sizes, clipping and precision filled from the run config.
+
+    Those keys may say "auto" (or be absent) in the JSON; a concrete value that disagrees
+    with the run config is an error rather than a silent override.
+    """
     path = find_ds_config(cfg.deepspeed.config)
     try:
         ds = json.loads(path.read_text())

@@ -49,18 +49,25 @@ class PromptedT5(nn.Module):
         """
         embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=True)
         hidden = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        b, c = hidden.shape[0], candidates.shape[0]
-        hidden = hidden.repeat_interleave(c, dim=0)
-        mask = mask.repeat_interleave(c, dim=0)
-        labels = candidates.repeat(b, 1)
-        decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = self.backbone(encoder_outputs=(hidden,), attention_mask=mask,
-                               decoder_input_ids=decoder_input_ids).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        keep = labels != IGNORE
-        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
-        return token_logp.sum(1).view(b, c)
+        return candidate_log_likelihood(self.backbone, hidden, mask, candidates)
 
+
+def candidate_log_likelihood(backbone, hidden, attention_mask, candidates) -> torch.Tensor:
+    """Summed log-likelihood of every candidate target given encoder states: [B, C].
+
+    hidden: [B, T, d] encoder output; candidates: [C, Lc] token ids padded with -100.
+    """
+    b, c = hidden.shape[0], candidates.shape[0]
+    hidden = hidden.repeat_interleave(c, dim=0)
+    attention_mask = attention_mask.repeat_interleave(c, dim=0)
+    labels = candidates.repeat(b, 1)
+    decoder_input_ids = backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = backbone(encoder_outputs=(hidden,), attention_mask=attention_mask,
+                      decoder_input_ids=decoder_input_ids).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    keep = labels != IGNORE
+    token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return token_logp.sum(1).view(b, c)
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy of each row's target, in fp32: [rows]."""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration, T5Tokenizer
 
 from bpt_ds.data.synthetic import SYNTHETIC_TASKS, corpus, make_examples, with_prefix
+from bpt_ds.model import IGNORE, candidate_log_likelihood
 
 # Bump "version" whenever synthetic.py or this builder changes what a recipe produces.
 TINY_RECIPE: dict = {
@@ -111,25 +112,16 @@ def rank_classify(model, tokenizer, inputs: list[str], labels: list[str], batch_
     Scoring every label avoids generation, so each input gets one of the labels.
     """
     label_ids = tokenizer(labels, padding=True, return_tensors="pt").input_ids.to(model.device)
-    label_targets = label_ids.masked_fill(label_ids == tokenizer.pad_token_id, -100)
+    candidates = label_ids.masked_fill(label_ids == tokenizer.pad_token_id, IGNORE)
     was_training = model.training
     model.eval()
     try:
         predictions: list[int] = []
         for start in range(0, len(inputs), batch_size):
             batch = tokenizer(inputs[start : start + batch_size], padding=True, return_tensors="pt").to(model.device)
-            encoded = model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            scores = []
-            for targets in label_targets:
-                targets = targets.expand(batch.input_ids.size(0), -1)
-                logits = model(
-                    encoder_outputs=encoded,
-                    attention_mask=batch.attention_mask,
-                    decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=targets),
-                ).logits
-                token_logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                scores.append((token_logp * (targets != -100)).sum(-1))
-            predictions += torch.stack(scores, dim=1).argmax(dim=1).tolist()
+            hidden = model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            scores = candidate_log_likelihood(model, hidden.last_hidden_state, batch.attention_mask, candidates)
+            predictions += scores.argmax(dim=1).tolist()
         return predictions
     finally:
         model.train(was_training)

@@ -36,7 +36,7 @@ def prompts(run_dir: Path) -> torch.Tensor:
 def test_two_ranks_learn_and_backbone_is_untouched(cache, tmp_path):
     out = tmp_path / "run"
     proc = run_ds(2, str(ROOT / "tests/dist/train_and_check.py"), str(tmp_path / "check.json"),
-                  f"output_dir={out}", "model.dtype=bf16", "train.steps=80", "train.eval_every=40",
+                  f"output_dir={out}", "model.dtype=bf16", "prompt.init=random", "train.steps=80", "train.eval_every=40",
                   "train.log_every=10", "train.lr=0.3", "train.global_batch_size=32",
                   "train.micro_batch_size=16", "data.max_eval_examples=200", cache=cache)
     assert proc.returncode == 0
@@ -46,9 +46,9 @@ def test_two_ranks_learn_and_backbone_is_untouched(cache, tmp_path):
     assert check["partitioned_backbone_weights"] == check["backbone_weights"] > 0
     # Only the prompt bank trains: 1 particle x 16 tokens x d_model 128.
     assert check["trainable"] == check["bank_size"] == 16 * 128
-    # It learns: from near chance to well above it on the held-out synthetic task.
+    # It learns from random init: from near chance (0.5) to well above it on the held-out task.
     assert check["initial"]["polarity"]["accuracy"] < 0.7
-    assert check["final"]["polarity"]["accuracy"] >= 0.85
+    assert check["final"]["polarity"]["accuracy"] >= 0.9
     assert json.loads((out / "metrics.json").read_text()) == check["final"]
     # TensorBoard got the scalars a user watches, and the loss fell.
     acc = EventAccumulator(str(out / "tb"))
@@ -78,9 +78,9 @@ def test_one_and_two_ranks_agree_and_resume_after_kill_matches(cache, tmp_path):
     torch.testing.assert_close(prompts(checkpointed), p2, rtol=0, atol=1e-3)
 
     # Kill a 2-rank run with SIGKILL once it has written a checkpoint, then run it again.
-    cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=48", "train.schedule=constant")
-    ref_cmd = ds_command(2, TRAIN, f"output_dir={tmp_path / 'ref'}", *SHORT_RUN, "train.steps=48",
-                         "train.schedule=constant")
+    # (The default linear schedule: its state must come back with the optimizer's.)
+    cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=48")
+    ref_cmd = ds_command(2, TRAIN, f"output_dir={tmp_path / 'ref'}", *SHORT_RUN, "train.steps=48")
     job = subprocess.Popen(cmd, env=ds_env(cache, 2), cwd=ROOT, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "checkpoints" / "latest"

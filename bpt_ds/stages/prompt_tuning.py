@@ -67,9 +67,13 @@ class PromptTuning:
             if not raw[name].validation and cfg.train.eval_every:
                 raise DataError(f"task {name} is evaluated but has no validation rows; set "
                                 f"data.local.{name}.validation, or train.eval_every=0")
+        if cfg.data.max_eval_examples:
+            for name in eval_names:
+                raw[name].validation = raw[name].validation[:cfg.data.max_eval_examples]
         init_tensors = (load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None)
 
-        backbone = load_backbone(cfg.model.name_or_path, ds_config, eng.ds_dtype(ds_config),
+        # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
+        self.backbone = backbone = load_backbone(cfg.model.name_or_path, ds_config, eng.ds_dtype(ds_config),
                                  progress=self.is_main)
         if cfg.model.gradient_checkpointing:
             backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -95,10 +99,6 @@ class PromptTuning:
                                         d.max_source_length, d.max_target_length) for n in train_names]
         self.eval_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "validation",
                                        d.max_source_length, d.max_target_length) for n in eval_names]
-        if d.max_eval_examples:
-            for t in self.eval_tasks:
-                for attr in ("inputs", "targets", "target_index"):
-                    setattr(t, attr, getattr(t, attr)[: d.max_eval_examples])
         self.sampler = MixtureSampler([len(t.inputs) for t in self.train_tasks],
                                       cfg.train.global_batch_size, cfg.seed)
 
