@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,8 +81,9 @@ class DataConfig:
 class TrainConfig:
     steps: int = 200
     global_batch_size: int = 32
-    # Per-rank micro-batch; gradient accumulation = global / (micro * world size).
-    micro_batch_size: int = 16
+    # Per-rank micro-batch; gradient accumulation = global / (micro x world size).
+    # null: the largest divisor of global / world size that is at most 16.
+    micro_batch_size: Optional[int] = None
     lr: float = 0.3
     # Learning rate of the low-rank factors; default: train.lr.
     factor_lr: Optional[float] = None
@@ -267,7 +269,7 @@ def validate(cfg: RunConfig) -> None:
     t, p, d = cfg.train, cfg.prompt, cfg.data
     for key, value in [
         ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
-        ("train.micro_batch_size", t.micro_batch_size), ("prompt.length", p.length),
+        ("prompt.length", p.length),
         ("prompt.particles", p.particles), ("train.eval_batch_size", t.eval_batch_size),
         ("train.log_every", t.log_every), ("data.max_source_length", d.max_source_length),
         ("data.max_target_length", d.max_target_length), ("train.keep_checkpoints", t.keep_checkpoints),
@@ -279,12 +281,21 @@ def validate(cfg: RunConfig) -> None:
         ("prompt.factors.rank", p.factors.rank), ("data.max_eval_examples", d.max_eval_examples),
     ]:
         _require(value >= 0, f"config key '{key}' must be >= 0; got {value}")
-    _require(t.lr > 0, f"config key 'train.lr' must be > 0; got {t.lr}")
-    _require(
-        t.global_batch_size % t.micro_batch_size == 0,
-        f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-        f"train.micro_batch_size ({t.micro_batch_size})",
-    )
+    for key, value, low in [
+        ("train.lr", t.lr, 0.0), ("prompt.init_std", p.init_std, 0.0),
+        ("train.max_grad_norm", t.max_grad_norm, -1.0), ("train.weight_decay", t.weight_decay, -1.0),
+        ("prompt.factors.init_std", p.factors.init_std, -1.0),
+    ] + ([("train.factor_lr", t.factor_lr, 0.0)] if t.factor_lr is not None else []):
+        bound = "> 0" if low == 0.0 else ">= 0"
+        _require(math.isfinite(value) and (value > 0 if low == 0.0 else value >= 0),
+                 f"config key '{key}' must be a finite number {bound}; got {value}")
+    if t.micro_batch_size is not None:
+        _require(t.micro_batch_size >= 1, f"config key 'train.micro_batch_size' must be >= 1; got {t.micro_batch_size}")
+        _require(
+            t.global_batch_size % t.micro_batch_size == 0,
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})",
+        )
     _require(len(d.tasks) > 0, "config key 'data.tasks' must name at least one task")
     from .data.tasks import check_task_names
 

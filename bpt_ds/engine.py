@@ -89,15 +89,11 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed.config: '{path}' is not valid JSON: {e}") from None
     t = cfg.train
-    if t.global_batch_size % (t.micro_batch_size * world):
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world}); "
-            f"e.g. train.micro_batch_size={max(1, t.global_batch_size // world)}")
+    micro = micro_batch_size(t.global_batch_size, t.micro_batch_size, world)
     filled = {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world),
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.global_batch_size // (micro * world),
         "gradient_clipping": t.max_grad_norm,
     }
     for key, value in filled.items():
@@ -110,6 +106,8 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
                           "(\"bf16\": {\"enabled\": \"auto\"}) or fp32")
     bf16 = ds.setdefault("bf16", {})
     in_json = bf16.get("enabled", "auto")
+    if in_json not in ("auto", True, False):
+        raise ConfigError(f"{path}: bf16.enabled must be true, false or \"auto\"; got {in_json!r}")
     if cfg.model.dtype == "auto" and in_json != "auto":
         want = bool(in_json)  # the DeepSpeed JSON decides when the run config leaves it open
     else:
@@ -123,6 +121,21 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def micro_batch_size(global_batch: int, micro: Optional[int], world: int) -> int:
+    """The per-rank micro-batch: as configured, or the largest divisor of global/world up to 16."""
+    if global_batch % world:
+        raise ConfigError(f"train.global_batch_size ({global_batch}) must be a multiple of the world "
+                          f"size ({world}); e.g. train.global_batch_size={world * max(1, global_batch // world)}")
+    per_rank = global_batch // world
+    if micro is None:
+        return max(m for m in range(1, min(16, per_rank) + 1) if per_rank % m == 0)
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.global_batch_size ({global_batch}) must be a multiple of train.micro_batch_size "
+            f"({micro}) x world size ({world}); e.g. train.micro_batch_size={per_rank} (or null for auto)")
+    return micro
 
 
 def model_dtype(cfg: RunConfig) -> str:
@@ -162,6 +175,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the bytes reach the disk before the name does
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -249,8 +267,9 @@ class Engine:
         """
         root = self.checkpoint_dir()
         tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
-        if rank() == 0 and (root / tmp).exists():
-            shutil.rmtree(root / tmp)
+        if rank() == 0 and root.is_dir():
+            for leftover in root.glob(".tmp-step*"):  # from a save that a crash interrupted
+                shutil.rmtree(leftover)
         barrier()
         self.ds.save_checkpoint(str(root), tag=tmp, client_state=client_state,
                                 save_latest=False, exclude_frozen_parameters=True)
@@ -276,11 +295,28 @@ class Engine:
         if not (root / tag).is_dir():
             raise FileNotFoundError(f"{latest} names checkpoint '{tag}', which is missing; "
                                     f"delete {latest} to start over or restore the directory")
-        _, client_state = self.ds.load_checkpoint(str(root), tag=tag, load_module_strict=False,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            _, client_state = self.ds.load_checkpoint(str(root), tag=tag, load_module_strict=False,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"checkpoint {root / tag} does not fit this run (was the prompt, particle or "
+                              f"factor setup changed?): {e}. Use a new output_dir, or train.resume=never") from None
         if client_state is None:
-            raise RuntimeError(f"could not load checkpoint {root / tag}")
+            raise ConfigError(f"could not load checkpoint {root / tag}; use a new output_dir, or train.resume=never")
         return client_state
+
+    def set_aside_checkpoints(self) -> Optional[Path]:
+        """train.resume=never: earlier checkpoints move to a dated sibling instead of being deleted."""
+        root = self.checkpoint_dir()
+        moved = None
+        if rank() == 0 and root.is_dir() and any(root.iterdir()):
+            import datetime
+
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            moved = root.with_name(f"checkpoints-set-aside-{stamp}")
+            os.replace(root, moved)
+        barrier()
+        return moved
 
     # ------------------------------------------------------------------- export
     def full_trainable_tensors(self) -> dict[str, torch.Tensor]:

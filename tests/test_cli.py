@@ -41,3 +41,20 @@ def test_missing_init_file_is_named(tmp_path):
     assert ("bpt_ds: error: prompt file 'nowhere/prompts.safetensors' does not exist (prompt.init_file); "
             "point it at the prompts.safetensors of an earlier run") in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_over_long_labels_and_misshapen_prompt_files_fail_before_the_backbone_loads(tiny_backbone_path, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    cache = tiny_backbone_path.parent
+    proc = run_cli("data.max_target_length=1", f"output_dir={tmp_path / 'a'}", cache=cache)
+    assert proc.returncode == 2
+    assert "bpt_ds: error: task polarity: 2 labels are longer than data.max_target_length=1; raise it" in proc.stderr
+    wrong = tmp_path / "prompts.safetensors"
+    save_file({"particles": torch.zeros(1, 7, 128)}, str(wrong))
+    proc = run_cli("stage=spot", f"prompt.init_file={wrong}", f"output_dir={tmp_path / 'b'}", cache=cache)
+    assert proc.returncode == 2
+    assert (f"bpt_ds: error: prompt.init_file: {wrong}: particles have shape (1, 7, 128), this run needs "
+            "[1, 16, 128] (or [1, 16, 128]); set prompt.length / prompt.particles to match the file") in proc.stderr
+    assert "Loading weights" not in proc.stderr

@@ -37,7 +37,9 @@ def test_yaml_then_overrides(tmp_path):
     ("train.steps=0", "config key 'train.steps' must be >= 1; got 0"),
     ("data.tasks=[nope]", "unknown task 'nope' in data.tasks. Known synthetic tasks: mood, polarity, sentiment, topic; "
                           "for your own files define data.local.nope.train / .validation"),
-    ("train.global_batch_size=20", "train.global_batch_size (20) must be a multiple of train.micro_batch_size (16)"),
+    ("train.micro_batch_size=6", "train.global_batch_size (32) must be a multiple of train.micro_batch_size (6)"),
+    ("train.lr=.inf", "config key 'train.lr' must be a finite number > 0; got inf"),
+    ("train.max_grad_norm=-1", "config key 'train.max_grad_norm' must be a finite number >= 0; got -1.0"),
     ("stage=spot", "stage 'spot' with prompt.init=file needs prompt.init_file: the prompts.safetensors of an earlier run"),
     ("data.local.mine.input_column=text", "data.local.mine needs a file: set data.local.mine.train and/or .validation"),
     ("train", "override 'train' must look like key.sub=value (e.g. train.steps=300)"),
@@ -64,8 +66,15 @@ def test_ds_config_gets_batch_sizes_and_checks_conflicts(tmp_path):
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 8, 2)
     assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match=r"train.global_batch_size \(32\) must be a multiple of "
-                                          r"train.micro_batch_size \(8\) x world size \(3\)"):
+                                          r"train.micro_batch_size \(16\) x world size \(4\); e.g. train.micro_batch_size=8 "
+                                          r"\(or null for auto\)"):
+        resolve_ds_config(load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=16"]), world=4)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(32\) must be a multiple of the world size \(3\)"):
         resolve_ds_config(cfg, world=3)
+    # Micro-batch left open: the largest divisor of global / ranks up to 16, whatever the rank count.
+    for world, micro, accum in [(1, 16, 2), (2, 16, 1), (4, 8, 1), (8, 4, 1), (32, 1, 1)]:
+        ds = resolve_ds_config(load_config(), world)
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (micro, accum)
     own = tmp_path / "ds.json"
     own.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}')
     cfg = load_config(None, [f"deepspeed.config={own}", "train.micro_batch_size=8"])

@@ -168,10 +168,11 @@ def test_default_command_runs_end_to_end(cache, tmp_path):
 
 def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     out = tmp_path / "run"
-    proc = run_ds(2, TRAIN, f"output_dir={out}", "model.dtype=fp32", "prompt.particles=2", "prompt.factors.rank=2",
-                  "data.tasks=[polarity, sentiment]", "train.steps=50", "train.eval_every=1", "train.patience=2",
-                  "train.log_every=1", "train.lr=1e-9", "train.factor_lr=1e-9", "data.max_eval_examples=64",
-                  "train.global_batch_size=16", "train.micro_batch_size=4", cache=cache)
+    args = [f"output_dir={out}", "model.dtype=fp32", "prompt.particles=2", "prompt.factors.rank=2",
+            "data.tasks=[polarity, sentiment]", "train.steps=50", "train.eval_every=1", "train.patience=2",
+            "train.log_every=1", "train.lr=1e-9", "train.factor_lr=1e-9", "data.max_eval_examples=63",
+            "train.global_batch_size=16", "train.micro_batch_size=4"]
+    proc = run_ds(2, TRAIN, *args, cache=cache)
     assert proc.returncode == 0
     # A learning rate of 1e-9 cannot change accuracy: best at step 1, then two evaluations without gain.
     assert "early stop at step 3: no gain in 2 evaluations" in proc.stdout
@@ -180,8 +181,21 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     for task in ("polarity", "sentiment"):
         assert tensors[f"factors.{task}.U"].shape == (16, 2)
         assert tensors[f"factors.{task}.V"].shape == (2, 128)
-    assert set(json.loads((out / "metrics.json").read_text())) == {"polarity", "sentiment"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 63 examples over 2 ranks: the padded placeholder of rank 1 is not counted.
+    assert metrics == {t: {"accuracy": metrics[t]["accuracy"], "examples": 63} for t in ("polarity", "sentiment")}
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     assert {"train/loss_particle_0", "train/loss_particle_1"} <= set(acc.Tags()["scalars"])
     assert "trainable parameters: 4,672 (prompt bank only)" in proc.stdout  # 2·16·128 + 2·(16+128)·2
+
+    # Running the same command again does not train past the early stop.
+    again = run_ds(2, TRAIN, *args, cache=cache)
+    assert again.returncode == 0
+    assert "resumed from step 3" in again.stdout and "done at step 3." in again.stdout
+    # train.resume=never starts over and sets the earlier checkpoints aside instead of deleting them.
+    fresh = run_ds(2, TRAIN, *args, "train.resume=never", "train.patience=0", "train.steps=2", cache=cache)
+    assert fresh.returncode == 0 and "train.resume=never: earlier checkpoints moved to" in fresh.stdout
+    aside = [d for d in out.iterdir() if d.name.startswith("checkpoints-set-aside-")]
+    assert len(aside) == 1 and (aside[0] / "step00000003").is_dir()
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..model import IGNORE
-from .tasks import TaskData
+from .tasks import DataError, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def encode_task(tokenizer, task: TaskData, task_id: int, split: str,
     inputs, cut_in = encode_texts(tokenizer, [r["input"] for r in rows], max_source_length)
     label_ids, cut_lab = encode_texts(tokenizer, task.labels, max_target_length)
     if cut_lab:
-        raise ValueError(f"task {task.name}: {cut_lab} labels are longer than "
+        raise DataError(f"task {task.name}: {cut_lab} labels are longer than "
                          f"data.max_target_length={max_target_length}; raise it")
     if cut_in:
         log.warning("task %s (%s): %d of %d inputs longer than data.max_source_length=%d were truncated",

@@ -6,11 +6,13 @@ Features, and how each is switched on:
 - prompt init: prompt.init = random | vocab | file (prompt.init_file); stage spot starts from a file
 - multitask training on synthetic tasks or local files: data.tasks, data.local.<name>.*
 - gradient accumulation: train.global_batch_size / (train.micro_batch_size x ranks)
+  (micro-batch null: the largest divisor of global / ranks up to 16)
 - learning-rate schedule: train.schedule, train.warmup_steps
 - evaluation (rank classification) every train.eval_every steps; early stopping: train.patience
 - checkpoints of trainable state every train.save_every steps; resume: train.resume=auto
 - activation checkpointing of the frozen backbone: model.gradient_checkpointing
-Outputs in output_dir: config.yaml, prompts.safetensors, metrics.json, tb/ (TensorBoard), checkpoints/.
+Outputs in output_dir: config.yaml, ds_config.json (the resolved DeepSpeed config),
+prompts.safetensors, metrics.json, tb/ (TensorBoard), checkpoints/.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from transformers import AutoConfig, AutoTokenizer
+
 from .. import engine as eng
-from ..backbone import load_backbone, sample_vocab_embeddings
-from ..config import RunConfig, to_yaml
+from ..backbone import load_backbone, resolve_model_path, sample_vocab_embeddings
+from ..config import ConfigError, RunConfig, to_yaml
 from ..data.batching import MixtureSampler, collate, encode_task
 from ..data.tasks import DataError, load_task
 from ..model import PromptedT5
@@ -42,6 +46,7 @@ class PromptTuning:
         self.step = 0
         self.best = float("-inf")
         self.evals_without_gain = 0
+        self.stopped = False
         self.last_metrics: dict = {}
         self.last_eval_step = -1
 
@@ -70,37 +75,46 @@ class PromptTuning:
         if cfg.data.max_eval_examples:
             for name in eval_names:
                 raw[name].validation = raw[name].validation[:cfg.data.max_eval_examples]
-        init_tensors = (load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None)
+        init_tensors = load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None
+
+        # The tokenizer and config are small: tokenize and check the prompt file now, so that
+        # over-long labels or a prompt of the wrong shape fail before the backbone loads.
+        model_path = resolve_model_path(cfg.model.name_or_path, progress=self.is_main)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        d = cfg.data
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "train",
+                                        d.max_source_length, d.max_target_length) for n in train_names]
+        # A task without validation rows (allowed when train.eval_every=0) is not evaluated.
+        self.eval_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "validation",
+                                       d.max_source_length, d.max_target_length)
+                           for n in eval_names if raw[n].validation]
+        self.sampler = MixtureSampler([len(t.inputs) for t in self.train_tasks],
+                                      cfg.train.global_batch_size, cfg.seed)
+        p = cfg.prompt
+        bank = PromptBank(p.particles, p.length, AutoConfig.from_pretrained(model_path).d_model,
+                          tasks=self.task_names, rank=p.factors.rank, factor_init_std=p.factors.init_std)
+        if p.init == "file":
+            try:
+                bank.load_tensors(init_tensors, p.init_file)
+            except ValueError as e:
+                raise ConfigError(f"prompt.init_file: {e}") from None
 
         # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
-        self.backbone = backbone = load_backbone(cfg.model.name_or_path, ds_config, eng.ds_dtype(ds_config),
-                                 progress=self.is_main)
+        self.backbone = backbone = load_backbone(model_path, ds_config, eng.ds_dtype(ds_config),
+                                                 progress=self.is_main)
         if cfg.model.gradient_checkpointing:
             backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.tokenizer = backbone.tokenizer
-        p = cfg.prompt
-        bank = PromptBank(p.particles, p.length, backbone.model.config.d_model, tasks=self.task_names,
-                          rank=p.factors.rank, factor_init_std=p.factors.init_std)
         gen = torch.Generator().manual_seed(cfg.seed)
         if p.init == "random":
             bank.init_random(p.init_std, gen)
         elif p.init == "vocab":
             rows = sample_vocab_embeddings(backbone.model, p.particles * p.length, gen)
             bank.init_rows(rows.view(p.particles, p.length, -1))
-        else:
-            bank.load_tensors(init_tensors, p.init_file)
         self.bank_size = bank.size()
         self.engine = eng.Engine(cfg, PromptedT5(backbone.model, bank), ds_config)
         self._check_trainable(backbone.model)
-
-        d = cfg.data
-        self.pad_id = self.tokenizer.pad_token_id
-        self.train_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "train",
-                                        d.max_source_length, d.max_target_length) for n in train_names]
-        self.eval_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "validation",
-                                       d.max_source_length, d.max_target_length) for n in eval_names]
-        self.sampler = MixtureSampler([len(t.inputs) for t in self.train_tasks],
-                                      cfg.train.global_batch_size, cfg.seed)
+        self.micro = ds_config["train_micro_batch_size_per_gpu"]
 
         if cfg.train.resume == "auto":
             state = self.engine.load_latest_checkpoint()
@@ -108,19 +122,23 @@ class PromptTuning:
                 self.step = int(state["step"])
                 self.best = float(state["best"])
                 self.evals_without_gain = int(state["evals_without_gain"])
+                self.stopped = bool(state["stopped"])
                 self._info(f"resumed from step {self.step} ({self.engine.checkpoint_dir()})")
+        elif (moved := self.engine.set_aside_checkpoints()) is not None:
+            self._info(f"train.resume=never: earlier checkpoints moved to {moved}")
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.out.mkdir(parents=True, exist_ok=True)
             eng.atomic_write(self.out / "config.yaml", lambda f: f.write_text(to_yaml(cfg)))
+            eng.atomic_write(self.out / "ds_config.json", lambda f: f.write_text(json.dumps(ds_config, indent=2)))
             self.writer = SummaryWriter(str(self.out / "tb"))
             self.writer.add_text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.step)
-            accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.world)
+            accum = ds_config["gradient_accumulation_steps"]
             self._info(
                 f"stage {cfg.stage}: backbone {backbone.path} ({eng.ds_dtype(ds_config)}, frozen), "
                 f"{self.world} rank(s), global batch {cfg.train.global_batch_size} = micro "
-                f"{cfg.train.micro_batch_size} x accumulation {accum} x ranks {self.world}; "
+                f"{self.micro} x accumulation {accum} x ranks {self.world}; "
                 f"trainable parameters: {self.bank_size:,} (prompt bank only)")
 
     def _check_trainable(self, backbone) -> None:
@@ -141,11 +159,14 @@ class PromptTuning:
                    dynamic_ncols=True)
         window_loss, window_steps, window_samples, window_tokens = None, 0, 0, 0
         window_start = time.perf_counter()
-        while self.step < t.steps:
+        while self.step < t.steps and not self.stopped:
             picks = self.sampler.global_batch_at(self.step)
             mine = picks[self.rank * per_rank:(self.rank + 1) * per_rank]
-            micro = [collate(self.train_tasks, mine[i:i + t.micro_batch_size], self.pad_id)
-                     for i in range(0, per_rank, t.micro_batch_size)]
+            micro = [collate(self.train_tasks, mine[i:i + self.micro], self.pad_id)
+                     for i in range(0, per_rank, self.micro)]
+            # Dropout draws depend on (seed, step, rank) only, so a resumed run draws what an
+            # uninterrupted one would have.
+            torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
             losses = self.engine.train_step(micro)
             self.step += 1
             window_loss = losses if window_loss is None else window_loss + losses
@@ -164,15 +185,14 @@ class PromptTuning:
                 window_loss, window_steps, window_samples, window_tokens = None, 0, 0, 0
                 window_start = time.perf_counter()
             bar.update(1)
-            stop = False
-            if t.eval_every and self.step % t.eval_every == 0:
-                stop = self._evaluate()
-            if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps or stop:
-                self.engine.save_checkpoint(self.step, {"step": self.step, "best": self.best,
+            if t.eval_every and self.step % t.eval_every == 0 and self.eval_tasks:
+                self.stopped = self._evaluate()
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps or self.stopped:
+                # `stopped` is saved too: running the command again does not train past an early stop.
+                self.engine.save_checkpoint(self.step, {"step": self.step, "best": self.best, "stopped": self.stopped,
                                                         "evals_without_gain": self.evals_without_gain})
-            if stop:
+            if self.stopped:
                 self._info(f"early stop at step {self.step}: no gain in {t.patience} evaluations")
-                break
         bar.close()
 
     def _log_train(self, loss: torch.Tensor, samples_per_s: float, tokens_per_s: float) -> None:
