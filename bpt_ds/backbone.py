@@ -114,6 +114,14 @@ def restore_untied_lm_head(model: T5ForConditionalGeneration, path: str, ds_conf
             head = torch.nn.Linear(head.in_features, head.out_features, bias=False,
                                    dtype=head.weight.dtype)
         model.lm_head = head
+    embedding = model.get_input_embeddings().weight
+    if shared is not None:
+        # If loading had written lm_head's values into the shared embedding, the encoder
+        # input would be wrong too, and no restore of lm_head could fix that.
+        with deepspeed.zero.GatheredParameters([embedding]):
+            if not torch.equal(embedding.detach().cpu(), shared.to(embedding.dtype)):
+                raise RuntimeError(f"the input embedding of {path} does not match its checkpoint "
+                                   "after loading; refusing to train on a corrupted backbone")
     with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=0):
         if torch.equal(head.weight.detach().cpu(), stored.to(head.weight.dtype)):
             return False
