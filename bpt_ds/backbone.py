@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import deepspeed
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.utils import cached_file
 
@@ -25,7 +25,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 @dataclass
 class Backbone:
     model: T5ForConditionalGeneration
-    tokenizer: PreTrainedTokenizerBase
     path: str
     # HfDeepSpeedConfig must outlive loading: transformers consults it (through a weak
     # reference) to partition weights as they are created.
@@ -50,7 +49,6 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
     path = resolve_model_path(name_or_path, progress)
     handle = HfDeepSpeedConfig(ds_config) if is_zero3(ds_config) else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = T5ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:
         raise FileNotFoundError(
@@ -58,7 +56,7 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
             "written by save_pretrained, a hub name available offline, or 'tiny'") from None
     restored = restore_untied_lm_head(model, path, ds_config)
     model.requires_grad_(False)
-    return Backbone(model, tokenizer, path, handle, restored)
+    return Backbone(model, path, handle, restored)
 
 
 # ----------------------------------------------------------------- lm_head trap

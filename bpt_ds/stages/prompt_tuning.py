@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-
 from transformers import AutoConfig, AutoTokenizer
 
 from .. import engine as eng
