@@ -60,12 +60,12 @@ def main() -> None:
 
         def folded_step():
             bank.particles.grad = None
-            folded(**batch).sum().backward()
+            folded(**batch)[0].sum().backward()
 
         def looped_step():
             for model in singles:
                 model.bank.particles.grad = None
-                model(**batch).sum().backward()
+                model(**batch)[0].sum().backward()
 
         t_fold = seconds_per_step(folded_step, args.steps)
         t_loop = seconds_per_step(looped_step, args.steps)

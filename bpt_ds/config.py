@@ -45,8 +45,12 @@ class PromptConfig:
     particles: int = 1
     init: Literal["random", "vocab", "file"] = "vocab"
     init_std: float = 0.5
-    # prompts.safetensors of an earlier run: required by init=file and by stage spot.
+    # prompts.safetensors of an earlier run (or that run's output directory): required by
+    # init=file and by stages spot and target.
     init_file: Optional[str] = None
+    # When init_file holds more particles than this run: null starts from their mean (the
+    # aggregate of a BMTPT posterior); k starts every particle from the file's particle k.
+    init_particle: Optional[int] = None
     factors: FactorsConfig = field(default_factory=FactorsConfig)
 
 
@@ -110,14 +114,48 @@ class DeepSpeedSection:
 
 
 @dataclass
+class SVGDConfig:
+    """Stage bmtpt-source: SVGD over the M particles of the base prompt (algorithms.md §4)."""
+
+    # Bandwidth h of the kernel k(x, y) = exp(-||x - y||² / h) over flattened prompts;
+    # null: the median heuristic, recomputed every step.
+    bandwidth: Optional[float] = None
+    # The repulsive term (2/h) Σ_j k_ij (θ_i - θ_j) that spreads the particles; false leaves
+    # kernel-weighted gradient descent (particles started equal then stay equal).
+    repulsive: bool = True
+    # log p(D_k | θ) ≈ -scale · L(θ; B): null uses the number of training examples over all
+    # source tasks (the posterior of the data); a number replaces it (a temperature: smaller
+    # lets the repulsive term spread the particles more). Logged with the step's force norms.
+    likelihood_scale: Optional[float] = None
+    # σ₀ of the prior N(0, σ₀² I) on the base prompt; null: no prior term.
+    prior_std: Optional[float] = None
+
+
+@dataclass
+class PriorConfig:
+    """Stage target: -β · log p̂(S) / (l·d) added to the target loss, p̂ fitted to a BMTPT
+    source's particles (algorithms.md §5). Per prompt coordinate, so one β fits every size."""
+
+    kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
+    # 0 switches the prior off (the source then only initializes the prompt).
+    beta: float = 0.0
+    # The source's prompts.safetensors (or run directory); default: prompt.init_file.
+    file: Optional[str] = None
+    # KDE bandwidth; null: the median heuristic over the source particles.
+    bandwidth: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["pt", "spot"] = "pt"
+    stage: Literal["pt", "spot", "bmtpt-source", "target"] = "pt"
     seed: int = 42
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    svgd: SVGDConfig = field(default_factory=SVGDConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
@@ -235,24 +273,128 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
+def _read_yaml(path: Optional[str]) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Builds the run config from an optional YAML file plus dotted overrides, then validates it."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(raw).__name__}")
+    raw = _read_yaml(path)
+    if "stages" in raw:
+        raise ConfigError(f"config file '{path}' is a pipeline (it has 'stages'); run it with load_runs")
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    if raw.get("stage") == "spot" and isinstance(raw.get("prompt", {}), dict):
-        # SPoT starts from an earlier run's prompt: that is its init unless the user says otherwise.
+    return build_config(raw)
+
+
+FROM_FILE_STAGES = ("spot", "target")
+
+PIPELINE_KEYS = ("output_dir", "defaults", "stages")
+
+
+def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> list[tuple[str, RunConfig]]:
+    """The runs a config file asks for, as (name, config): one for a run config, several for a pipeline.
+
+    A pipeline file chains stages by output path:
+
+        output_dir: runs/bmtpt          # stage <name> writes to <output_dir>/<name>
+        defaults: {model: ..., seed: 1} # keys every stage shares
+        stages:
+          - name: source
+            stage: bmtpt-source
+          - name: target
+            stage: target
+            prompt: {init_file: "{source}"}   # {name}: that earlier stage's output directory
+
+    Overrides `key=value` apply to every stage (after its own keys), `<name>.key=value` to
+    one stage, and `output_dir=...` to the pipeline. Every stage's config is built and
+    validated before the first one runs.
+    """
+    raw = _read_yaml(path)
+    if "stages" not in raw:
+        return [("run", load_config(path, overrides))]
+    unknown = sorted(set(raw) - set(PIPELINE_KEYS))
+    if unknown:
+        raise ConfigError(f"pipeline '{path}': unknown top-level key(s) {unknown}; a pipeline has "
+                          f"{', '.join(PIPELINE_KEYS)} (stage keys go under defaults or a stage)")
+    stages, defaults = raw["stages"], raw.get("defaults") or {}
+    if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
+        raise ConfigError(f"pipeline '{path}': 'stages' must be a non-empty list of mappings")
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"pipeline '{path}': 'defaults' must be a mapping of run config keys")
+    names = [str(st.get("name", "")) for st in stages]
+    for i, name in enumerate(names):
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"pipeline '{path}': stages[{i}] needs a 'name' of letters, digits, - or _; "
+                              f"got {name!r}")
+        if name in names[:i]:
+            raise ConfigError(f"pipeline '{path}': two stages are named '{name}'")
+    root = raw.get("output_dir", "runs/pipeline")
+    shared: list[str] = []
+    per_stage: dict[str, list[str]] = {n: [] for n in names}
+    for text in overrides:
+        key, _ = parse_override(text)
+        head = key.split(".", 1)[0]
+        if key == "output_dir":
+            root = yaml.safe_load(text.split("=", 1)[1])
+        elif head in per_stage and "." in key:
+            per_stage[head].append(text.split(".", 1)[1])
+        else:
+            shared.append(text)
+    runs, dirs = [], {}
+    for i, (name, st) in enumerate(zip(names, stages)):
+        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k != "name"})
+        merged.setdefault("output_dir", f"{root}/{name}")
+        for text in shared + per_stage[name]:
+            key, value = parse_override(text)
+            _set_dotted(merged, key, value)
+        merged = _substitute(merged, dirs, names[i:], f"pipeline '{path}', stage '{name}'")
+        try:
+            cfg = build_config(merged)
+        except ConfigError as e:
+            raise ConfigError(f"pipeline '{path}', stage '{name}': {e}") from None
+        dirs[name] = cfg.output_dir
+        runs.append((name, cfg))
+    return runs
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _substitute(value: Any, dirs: dict[str, str], later: list[str], where: str) -> Any:
+    """Replaces {name} in strings with the output directory of the earlier stage `name`."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, dirs, later, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, dirs, later, where) for v in value]
+    if isinstance(value, str) and "{" in value:
+        for name in later:
+            if "{" + name + "}" in value:
+                raise ConfigError(f"{where}: '{value}' refers to stage '{name}', which does not run before it")
+        for name, d in dirs.items():
+            value = value.replace("{" + name + "}", d)
+    return value
+
+
+def build_config(raw: dict) -> RunConfig:
+    if raw.get("stage") in FROM_FILE_STAGES and isinstance(raw.get("prompt", {}), dict):
+        # SPoT and target start from an earlier run's prompt: that is their init unless the user says otherwise.
         raw.setdefault("prompt", {}).setdefault("init", "file")
     cfg = _build(RunConfig, raw)
     validate(cfg)
@@ -300,14 +442,32 @@ def validate(cfg: RunConfig) -> None:
     from .data.tasks import check_task_names
 
     check_task_names(d)
-    if p.init == "file" or cfg.stage == "spot":
+    if p.init == "file" or cfg.stage in FROM_FILE_STAGES:
         _require(
             p.init_file is not None,
             f"stage '{cfg.stage}' with prompt.init={p.init} needs prompt.init_file: "
             "the prompts.safetensors of an earlier run",
         )
-    if cfg.stage == "spot":
-        _require(p.init == "file", "stage 'spot' initializes from a file: set prompt.init=file (or leave it unset)")
+    if cfg.stage in FROM_FILE_STAGES:
+        _require(p.init == "file",
+                 f"stage '{cfg.stage}' initializes from a file: set prompt.init=file (or leave it unset)")
+    if p.init_particle is not None:
+        _require(p.init_particle >= 0, f"config key 'prompt.init_particle' must be >= 0; got {p.init_particle}")
+    sv, pr = cfg.svgd, cfg.prior
+    for key, value in [("svgd.bandwidth", sv.bandwidth), ("svgd.likelihood_scale", sv.likelihood_scale),
+                       ("svgd.prior_std", sv.prior_std), ("prior.bandwidth", pr.bandwidth)]:
+        if value is not None:
+            _require(math.isfinite(value) and value > 0,
+                     f"config key '{key}' must be a finite number > 0 (or null); got {value}")
+    _require(math.isfinite(pr.beta) and pr.beta >= 0,
+             f"config key 'prior.beta' must be a finite number >= 0; got {pr.beta}")
+    if cfg.stage == "bmtpt-source":
+        _require(p.factors.rank == 0,
+                 "stage 'bmtpt-source' samples the base prompt S only: set prompt.factors.rank=0 "
+                 "(low-rank factors belong to the target stage)")
+    if pr.beta > 0:
+        _require(cfg.stage == "target", f"prior.beta={pr.beta} applies to stage 'target' only; "
+                                        f"this run is stage '{cfg.stage}' (set prior.beta=0)")
     for name, local in d.local.items():
         _require(local.train is not None or local.validation is not None,
                  f"data.local.{name} needs a file: set data.local.{name}.train and/or .validation")

@@ -10,8 +10,9 @@ import os
 import resource
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import deepspeed
 import torch
@@ -183,6 +184,109 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+GradHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    """Loss sums and row counts of one rank, per particle and per task (for logging)."""
+
+    particle_sum: torch.Tensor
+    particle_rows: torch.Tensor
+    task_sum: torch.Tensor
+    task_rows: torch.Tensor
+
+    @classmethod
+    def zeros(cls, particles: int, tasks: int, device) -> "StepStats":
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(particles), z(particles), z(tasks), z(tasks))
+
+    def add(self, rows: torch.Tensor, particles: torch.Tensor, tasks: torch.Tensor) -> None:
+        rows = rows.double()
+        self.particle_sum.index_add_(0, particles, rows)
+        self.particle_rows.index_add_(0, particles, torch.ones_like(rows))
+        self.task_sum.index_add_(0, tasks, rows)
+        self.task_rows.index_add_(0, tasks, torch.ones_like(rows))
+
+    def merge(self, other: "StepStats") -> None:
+        for f in ("particle_sum", "particle_rows", "task_sum", "task_rows"):
+            getattr(self, f).add_(getattr(other, f))
+
+    def reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss per particle, mean loss per task) over all ranks (collective); NaN where no rows."""
+        packed = torch.cat([self.particle_sum, self.particle_rows, self.task_sum, self.task_rows])
+        if world_size() > 1:
+            dist.all_reduce(packed)
+        m, t = self.particle_sum.numel(), self.task_sum.numel()
+        ps, pr, ts, tr = packed.split([m, m, t, t])
+        nan = torch.tensor(float("nan"), dtype=packed.dtype, device=packed.device)
+        return (torch.where(pr > 0, ps / pr.clamp(min=1), nan).float().cpu(),
+                torch.where(tr > 0, ts / tr.clamp(min=1), nan).float().cpu())
+
+
+# ------------------------------------------------------------------ placement
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which rows of the global batch a rank runs, and under which particle.
+
+    mode "every": every rank runs every particle on its 1/R share of the global batch
+    (independent particles, as in stage pt: each particle sees the whole global batch).
+    mode "split" (SVGD): the global batch is cut into M consecutive blocks of B/M
+    examples, block m belonging to particle m; rank r runs rows [r·B/R, (r+1)·B/R). With
+    M a multiple of R a rank holds M/R whole particles; with R a multiple of M, R/M ranks
+    share a particle and split its block. The assignment depends on (B, M) only, never on
+    R, so 1 rank and R ranks compute the same thing.
+    """
+
+    mode: Literal["every", "split"]
+    particles: int
+    world: int
+    global_batch: int
+
+    @classmethod
+    def make(cls, mode: str, particles: int, world: int, global_batch: int) -> "Placement":
+        if mode == "split":
+            if particles % world and world % particles:
+                fits = sorted({m for m in (world // 2, world, 2 * world, 4 * world) if m >= 1 and
+                               (m % world == 0 or world % m == 0)})
+                raise ConfigError(
+                    f"prompt.particles ({particles}) and the number of ranks ({world}) do not fit: SVGD "
+                    f"places whole particles on ranks, so one must be a multiple of the other; e.g. "
+                    f"prompt.particles={' or '.join(map(str, fits))}, or launch a number of ranks that "
+                    f"divides or is a multiple of {particles}")
+            if global_batch % particles:
+                raise ConfigError(
+                    f"train.global_batch_size ({global_batch}) must be a multiple of prompt.particles "
+                    f"({particles}): each particle gets global_batch_size / particles examples a step; "
+                    f"e.g. train.global_batch_size={particles * max(1, global_batch // particles)}")
+        return cls(mode, particles, world, global_batch)
+
+    def examples_per_particle(self) -> int:
+        return self.global_batch if self.mode == "every" else self.global_batch // self.particles
+
+    def rank_rows(self, r: int) -> tuple[int, int]:
+        per_rank = self.global_batch // self.world
+        return r * per_rank, (r + 1) * per_rank
+
+    def row_particles(self, r: int) -> Optional[torch.Tensor]:
+        """The particle of each of rank r's rows (split), or None (every particle on every row)."""
+        if self.mode == "every":
+            return None
+        lo, hi = self.rank_rows(r)
+        return torch.arange(lo, hi) // self.examples_per_particle()
+
+    def local_particles(self, r: int) -> list[int]:
+        rows = self.row_particles(r)
+        return list(range(self.particles)) if rows is None else sorted(set(rows.tolist()))
+
+    def row_weight(self, accumulation: int) -> float:
+        """Weight of one row's loss so that, after DeepSpeed divides by the accumulation steps
+        and averages over R ranks, each particle's gradient is that of its mean loss."""
+        return self.world * accumulation / self.examples_per_particle()
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, model: PromptedT5, ds_config: dict):
         self.cfg = cfg
@@ -203,17 +307,49 @@ class Engine:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches; returns this rank's mean loss per particle."""
+    def train_step(self, micro_batches: list[dict], row_weight: float,
+                   grad_hook: Optional[GradHook] = None) -> "StepStats":
+        """One optimizer step over this rank's micro-batches.
+
+        row_weight multiplies each row's loss before backward. DeepSpeed divides by the
+        accumulation steps and averages over ranks; Placement.row_weight undoes exactly
+        that, so the particles' gradient is, row by row, the gradient of each particle's
+        mean loss over its examples of the step.
+
+        grad_hook(theta, grad) -> grad runs once per optimizer step, after the last
+        backward (gradients reduced over ranks) and before the optimizer: it sees the
+        full fp32 particles [M, l, d] and their full gradient, on every rank alike, and
+        returns the gradient the optimizer is to use (SVGD's -phi, a prior's term).
+        """
         self.ds.train()
-        total = None
+        bank = self.model.bank
+        stats = StepStats.zeros(bank.num_particles, len(bank.tasks) or 1, self.device)
         for mb in micro_batches:
-            losses = self.ds(**self._to_device(mb))
-            # Each particle's gradient is that of its own loss: sum over particles.
-            self.ds.backward(losses.sum())
+            mb = self._to_device(mb)
+            rows, particles = self.ds(**mb)
+            self.ds.backward((rows * row_weight).sum())
+            if grad_hook is not None and self.ds.is_gradient_accumulation_boundary():
+                self._apply_grad_hook(grad_hook)
             self.ds.step()
-            total = losses.detach().float() if total is None else total + losses.detach().float()
-        return total / len(micro_batches)
+            stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]))
+        return stats
+
+    def _apply_grad_hook(self, hook: "GradHook") -> None:
+        # DeepSpeed documents these for "modifying partitioned states": after backward, before
+        # step. Under ZeRO-3 the getters all-gather the fp32 partitions and the setter writes
+        # back this rank's partition; every rank computes the same full tensor.
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_grad
+
+        param = self.model.bank.particles
+        theta = safe_get_full_fp32_param(param)
+        if theta is None:
+            theta = param.detach()
+        grad = safe_get_full_grad(param)
+        if grad is None:
+            raise RuntimeError("the particles have no gradient after backward; is the prompt bank frozen?")
+        shape = self.model.bank.shape
+        new = hook(theta.float().reshape(shape), grad.float().reshape(shape))
+        safe_set_full_grad(param, new.to(grad.dtype).view(grad.shape))
 
     def grad_norm(self) -> Optional[float]:
         norm = self.ds.get_global_grad_norm()

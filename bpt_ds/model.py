@@ -19,26 +19,30 @@ class PromptedT5(nn.Module):
         self.backbone = backbone
         self.bank = bank
 
-    def _prompted_inputs(self, input_ids, attention_mask, task_ids, aggregate: bool):
+    def _prompted_inputs(self, input_ids, attention_mask, task_ids, aggregate: bool, particle_ids=None):
         # Call the embedding module (never read its weight): under ZeRO-3 the weight is a
         # partition and only the module's forward hook gathers it.
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        return prepend_prompts(self.bank(task_ids, aggregate), embeds, attention_mask)
+        return prepend_prompts(self.bank(task_ids, aggregate, particle_ids), embeds, attention_mask)
 
-    def forward(self, input_ids, attention_mask, labels, task_ids) -> torch.Tensor:
-        """Loss of every particle on the batch, shape [M].
+    def forward(self, input_ids, attention_mask, labels, task_ids, particle_ids=None):
+        """Per-row losses and the particle of each row: (losses [rows], particles [rows]).
 
-        L(S_m; B) is the mean over examples of each example's mean target-token
-        cross-entropy, so splitting a batch into micro-batches or ranks of equal size
-        leaves the averaged gradient unchanged.
+        Without particle_ids every particle runs on every example (rows = M·B, row m·B + b
+        is particle m on example b); with them, row b is particle particle_ids[b] on
+        example b (rows = B). A row's loss is its mean target-token cross-entropy; the
+        engine weights rows so that each particle's gradient is that of its mean loss
+        over its examples of the step, whatever the ranks and micro-batches.
         """
-        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=False)
+        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, False, particle_ids)
         m = embeds.shape[0] // input_ids.shape[0]
         labels = labels.repeat(m, 1)
         decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
         logits = self.backbone(inputs_embeds=embeds, attention_mask=mask,
                                decoder_input_ids=decoder_input_ids).logits
-        return per_example_loss(logits, labels).view(m, -1).mean(1)
+        if particle_ids is None:
+            particle_ids = torch.arange(m, device=labels.device).repeat_interleave(input_ids.shape[0])
+        return per_example_loss(logits, labels), particle_ids
 
     @torch.no_grad()
     def score_candidates(self, input_ids, attention_mask, task_ids, candidates) -> torch.Tensor:

@@ -21,6 +21,8 @@ class PromptBank(nn.Module):
         self.tasks = list(tasks)
         self.rank = rank
         self.particles = nn.Parameter(torch.zeros(num_particles, length, dim))
+        # Kept as ints: under ZeRO-3 a partitioned parameter's own .shape is empty.
+        self.shape = (num_particles, length, dim)
         if rank > 0:
             if not self.tasks:
                 raise ValueError("low-rank factors need at least one task name")
@@ -32,15 +34,15 @@ class PromptBank(nn.Module):
 
     @property
     def num_particles(self) -> int:
-        return self.particles.shape[0]
+        return self.shape[0]
 
     @property
     def length(self) -> int:
-        return self.particles.shape[1]
+        return self.shape[1]
 
     @property
     def dim(self) -> int:
-        return self.particles.shape[2]
+        return self.shape[2]
 
     def size(self) -> int:
         """Number of trainable scalars: M·l·d + T·(l + d)·r."""
@@ -60,20 +62,34 @@ class PromptBank(nn.Module):
         self.particles.copy_(rows.to(self.particles.dtype))
 
     @torch.no_grad()
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str, pick: Optional[int] = None) -> None:
         """Loads `particles` (and factors of matching tasks) from a prompts file's tensors.
 
-        A file with one particle initializes every particle; one with M particles must
-        match M exactly. Factors are taken for tasks present in both, if any.
+        The file's particles [F, l, d] map onto this bank's M as follows: pick=k starts
+        every particle from the file's particle k; otherwise F == M copies them, F == 1
+        starts every particle from it, and M == 1 starts from their mean (the aggregate
+        of a BMTPT posterior). Factors are taken for tasks present in both, if any.
         """
         if "particles" not in tensors:
             raise ValueError(f"{source} has no 'particles' tensor (keys: {sorted(tensors)})")
         src = tensors["particles"]
-        m, l, d = self.particles.shape
-        if src.dim() != 3 or src.shape[1:] != (l, d) or src.shape[0] not in (1, m):
+        m, l, d = self.shape
+        if src.dim() != 3 or src.shape[1:] != (l, d):
             raise ValueError(
-                f"{source}: particles have shape {tuple(src.shape)}, this run needs [{m}, {l}, {d}] "
-                f"(or [1, {l}, {d}]); set prompt.length / prompt.particles to match the file")
+                f"{source}: particles have shape {tuple(src.shape)}, this run needs [F, {l}, {d}]; "
+                f"set prompt.length to match the file (and use a backbone with d_model={src.shape[-1]})")
+        f = src.shape[0]
+        if pick is not None:
+            if not 0 <= pick < f:
+                raise ValueError(f"{source} holds {f} particles; prompt.init_particle={pick} must be "
+                                 f"in 0..{f - 1} (or null for their mean)")
+            src = src[pick:pick + 1]
+        elif f != m and f != 1:
+            if m != 1:
+                raise ValueError(f"{source} holds {f} particles and this run has {m}: use "
+                                 f"prompt.particles={f} to continue all of them, or prompt.particles=1 "
+                                 "to start from their mean (or prompt.init_particle=k)")
+            src = src.mean(0, keepdim=True)
         self.particles.copy_(src.expand(m, l, d).to(self.particles.dtype))
         if self.rank > 0:
             for i, task in enumerate(self.tasks):
@@ -84,14 +100,21 @@ class PromptBank(nn.Module):
                     self.factor_v[i].copy_(v)
 
     # --------------------------------------------------------------- forward
-    def forward(self, task_ids: torch.Tensor, aggregate: bool = False) -> torch.Tensor:
-        """Prompts for a batch: [M, B, l, d] (or [1, B, l, d] for the particle mean)."""
-        s = self.particles.mean(0, keepdim=True) if aggregate else self.particles
+    def forward(self, task_ids: torch.Tensor, aggregate: bool = False,
+                particle_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prompts for a batch: [M, B, l, d] (every particle on every example), [1, B, l, d]
+        for the particle mean (aggregate=True), or [1, B, l, d] with example b under
+        particle particle_ids[b] (each particle on its own examples, as SVGD places them)."""
+        if particle_ids is not None:
+            s = self.particles[particle_ids][None]                     # [1, B, l, d]
+        else:
+            s = self.particles.mean(0, keepdim=True) if aggregate else self.particles
+            s = s[:, None]                                             # [M', 1, l, d]
         b = task_ids.shape[0]
         if self.rank == 0:
-            return s[:, None].expand(s.shape[0], b, self.length, self.dim)
+            return s.expand(s.shape[0], b, self.length, self.dim)
         w = torch.bmm(self.factor_u[task_ids], self.factor_v[task_ids])  # [B, l, d]
-        return s[:, None] * w[None]
+        return s * w[None]
 
     def export(self, values: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Tensors for prompts.safetensors: `particles` [M, l, d] and `factors.<task>.U/.V`.
@@ -121,12 +144,17 @@ def prepend_prompts(prompts: torch.Tensor, embeds: torch.Tensor, mask: torch.Ten
     return full, full_mask
 
 
-def load_prompts_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_prompts_file(path: str | Path, key: str = "prompt.init_file") -> dict[str, torch.Tensor]:
+    """The tensors of a prompts.safetensors file; a run's output directory stands for the file in it."""
     from safetensors.torch import load_file
 
     p = Path(path)
+    if p.is_dir():
+        p = p / "prompts.safetensors"
+        if not p.is_file():
+            raise FileNotFoundError(f"{key}: run directory '{path}' has no prompts.safetensors: has that run "
+                                    "finished? (a prompt file or run directory is expected)")
     if not p.is_file():
-        raise FileNotFoundError(f"prompt file '{path}' does not exist (prompt.init_file); "
-                                "point it at the prompts.safetensors of an earlier run")
+        raise FileNotFoundError(f"{key}: prompt file '{path}' does not exist; point it at the prompts.safetensors "
+                                "of an earlier run (or at that run's output directory)")
     return load_file(str(p))
-

@@ -7,25 +7,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run config (see configs/); default: the embedded tiny CPU run")
+    parser.add_argument("--config", help="YAML run config or pipeline (see configs/); default: the embedded "
+                                          "tiny CPU run")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=300")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from bpt_ds.config import ConfigError, load_config
+    from bpt_ds.config import ConfigError, load_runs
     from bpt_ds.data.tasks import DataError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        runs = load_runs(args.config, args.overrides)  # a pipeline's stages are all checked up front
         from bpt_ds.stages import run_stage
 
-        run_stage(cfg)
+        for i, (name, cfg) in enumerate(runs):
+            if len(runs) > 1 and os.environ.get("RANK", "0") == "0":
+                print(f"[bpt_ds] pipeline stage {i + 1}/{len(runs)}: {name} ({cfg.stage}) -> {cfg.output_dir}",
+                      flush=True)
+            run_stage(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return 2

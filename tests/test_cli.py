@@ -38,8 +38,8 @@ def test_missing_init_file_is_named(tmp_path):
     proc = run_cli("stage=spot", "prompt.init_file=nowhere/prompts.safetensors", f"output_dir={tmp_path / 'o'}",
                    cache=tmp_path / "cache")
     assert proc.returncode == 2
-    assert ("bpt_ds: error: prompt file 'nowhere/prompts.safetensors' does not exist (prompt.init_file); "
-            "point it at the prompts.safetensors of an earlier run") in proc.stderr
+    assert ("bpt_ds: error: prompt.init_file: prompt file 'nowhere/prompts.safetensors' does not exist; "
+            "point it at the prompts.safetensors of an earlier run (or at that run's output directory)") in proc.stderr
     assert not (tmp_path / "cache").exists()
 
 
@@ -56,5 +56,5 @@ def test_over_long_labels_and_misshapen_prompt_files_fail_before_the_backbone_lo
     proc = run_cli("stage=spot", f"prompt.init_file={wrong}", f"output_dir={tmp_path / 'b'}", cache=cache)
     assert proc.returncode == 2
     assert (f"bpt_ds: error: prompt.init_file: {wrong}: particles have shape (1, 7, 128), this run needs "
-            "[1, 16, 128] (or [1, 16, 128]); set prompt.length / prompt.particles to match the file") in proc.stderr
+            "[F, 16, 128]; set prompt.length to match the file (and use a backbone with d_model=128)") in proc.stderr
     assert "Loading weights" not in proc.stderr

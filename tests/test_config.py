@@ -33,7 +33,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.steps=2.5", "config key 'train.steps' expects int; got 2.5"),
     ("train.lr=fast", "config key 'train.lr' expects float; got 'fast'"),
     ("model.dtype=fp16", "config key 'model.dtype' expects one of 'auto', 'bf16', 'fp32'; got 'fp16'"),
-    ("stage=mpt", "config key 'stage' expects one of 'pt', 'spot'; got 'mpt'"),
+    ("stage=mpt", "config key 'stage' expects one of 'pt', 'spot', 'bmtpt-source', 'target'; got 'mpt'"),
     ("train.steps=0", "config key 'train.steps' must be >= 1; got 0"),
     ("data.tasks=[nope]", "unknown task 'nope' in data.tasks. Known synthetic tasks: mood, polarity, sentiment, topic; "
                           "for your own files define data.local.nope.train / .validation"),

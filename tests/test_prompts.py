@@ -51,10 +51,31 @@ def test_load_tensors_checks_shapes():
                        "factors.a.V": torch.ones(1, 4)}, "f.safetensors")
     assert torch.equal(bank.particles, torch.ones(2, 3, 4)) and torch.equal(bank.factor_u[0], torch.full((3, 1), 2.0))
     with pytest.raises(ValueError, match=r"f.safetensors: particles have shape \(1, 5, 4\), this run needs "
-                                         r"\[2, 3, 4\] \(or \[1, 3, 4\]\); set prompt.length / prompt.particles"):
+                                         r"\[F, 3, 4\]; set prompt.length to match the file"):
         bank.load_tensors({"particles": torch.ones(1, 5, 4)}, "f.safetensors")
+    with pytest.raises(ValueError, match=r"f.safetensors holds 3 particles and this run has 2: use "
+                                         r"prompt.particles=3 to continue all of them, or prompt.particles=1"):
+        bank.load_tensors({"particles": torch.ones(3, 3, 4)}, "f.safetensors")
+    with pytest.raises(ValueError, match=r"f.safetensors holds 3 particles; prompt.init_particle=3 must be in 0..2"):
+        bank.load_tensors({"particles": torch.ones(3, 3, 4)}, "f.safetensors", pick=3)
     with pytest.raises(ValueError, match="f.safetensors has no 'particles' tensor"):
         bank.load_tensors({"x": torch.ones(1)}, "f.safetensors")
+
+
+def test_load_tensors_aggregates_a_posterior():
+    """A one-particle run starts from the mean of a file's particles, or from a chosen one."""
+    src = torch.randn(5, 3, 4)
+    one = PromptBank(1, 3, 4)
+    one.load_tensors({"particles": src}, "f")
+    torch.testing.assert_close(one.particles[0], src.mean(0))
+    one.load_tensors({"particles": src}, "f", pick=2)
+    assert torch.equal(one.particles[0], src[2])
+    two = PromptBank(2, 3, 4)
+    two.load_tensors({"particles": src}, "f", pick=4)
+    assert torch.equal(two.particles, src[4].expand(2, 3, 4))
+    five = PromptBank(5, 3, 4)
+    five.load_tensors({"particles": src}, "f")
+    assert torch.equal(five.particles, src)
 
 
 def test_per_example_loss_ignores_padding():
@@ -76,14 +97,16 @@ def test_all_particles_in_one_pass_match_one_pass_per_particle(tiny_backbone_pat
     batch = dict(input_ids=torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]),
                  attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
                  labels=torch.tensor([[10, 1], [11, 1]]), task_ids=torch.zeros(2, dtype=torch.long))
-    losses = model(**batch)
+    rows, parts = model(**batch)
+    assert parts.tolist() == [0, 0, 1, 1, 2, 2]  # row m·B + b is particle m on example b
+    losses = rows.view(3, 2).mean(1)
     losses.sum().backward()
     grads = bank.particles.grad.clone()
     assert losses.shape == (3,)
     for m in range(3):
         single = PromptBank(1, 4, backbone.config.d_model)
         single.init_rows(bank.particles[m:m + 1].detach())
-        alone = PromptedT5(backbone, single)(**batch)
+        alone = PromptedT5(backbone, single)(**batch)[0].mean(0, keepdim=True)
         alone.sum().backward()
         torch.testing.assert_close(alone[0], losses[m], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single.particles.grad[0], grads[m], rtol=1e-4, atol=1e-6)
@@ -93,8 +116,26 @@ def test_all_particles_in_one_pass_match_one_pass_per_particle(tiny_backbone_pat
     single.init_rows(bank.particles.mean(0, keepdim=True).detach())
     scores = PromptedT5(backbone, single).score_candidates(batch["input_ids"], batch["attention_mask"],
                                                           batch["task_ids"], cands)
-    loss_mean = PromptedT5(backbone, single)(**batch)
+    loss_mean = PromptedT5(backbone, single)(**batch)[0].mean(0, keepdim=True)
     torch.testing.assert_close(model.score_candidates(batch["input_ids"], batch["attention_mask"],
                                                       batch["task_ids"], cands), scores)
     per_ex = -torch.stack([scores[0, 0], scores[1, 1]]) / 2  # two target tokens each
     torch.testing.assert_close(per_ex.mean(), loss_mean[0], rtol=1e-5, atol=1e-6)
+
+
+def test_particle_ids_put_each_example_under_its_own_particle(tiny_backbone_path):
+    """SVGD's placement: row b runs under particle particle_ids[b], factors included."""
+    from transformers import T5ForConditionalGeneration
+
+    backbone = T5ForConditionalGeneration.from_pretrained(tiny_backbone_path).requires_grad_(False)
+    bank = PromptBank(3, 4, backbone.config.d_model, tasks=["a", "b"], rank=1, factor_init_std=0.3)
+    bank.init_random(0.5, torch.Generator().manual_seed(1))
+    model = PromptedT5(backbone, bank)
+    batch = dict(input_ids=torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0], [7, 7, 1, 0]]),
+                 attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]]),
+                 labels=torch.tensor([[10, 1], [11, 1], [10, 1]]), task_ids=torch.tensor([0, 1, 1]))
+    every, _ = model(**batch)                       # [M·B]: particle m on example b at m·B + b
+    picked = torch.tensor([2, 0, 1])
+    rows, parts = model(**batch, particle_ids=picked)
+    assert parts.tolist() == [2, 0, 1]
+    torch.testing.assert_close(rows, every.view(3, 3)[picked, torch.arange(3)], rtol=1e-5, atol=1e-6)

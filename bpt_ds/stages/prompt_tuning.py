@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
@@ -38,6 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class PromptTuning:
+    # "every": each particle sees the whole global batch (independent prompts);
+    # "split": particle m owns block m of the global batch (SVGD; Placement explains).
+    placement_mode = "every"
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -57,6 +60,8 @@ class PromptTuning:
         self.is_main = self.rank == 0
         torch.manual_seed(cfg.seed)
         ds_config = eng.resolve_ds_config(cfg, self.world)
+        self.placement = eng.Placement.make(self.placement_mode, cfg.prompt.particles, self.world,
+                                            cfg.train.global_batch_size)
 
         # Data and the init file first: bad input fails before the backbone is loaded.
         train_names = cfg.data.tasks
@@ -74,6 +79,7 @@ class PromptTuning:
         if cfg.data.max_eval_examples:
             for name in eval_names:
                 raw[name].validation = raw[name].validation[:cfg.data.max_eval_examples]
+        self.raw = raw
         init_tensors = load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None
 
         # The tokenizer and config are small: tokenize and check the prompt file now, so that
@@ -95,9 +101,11 @@ class PromptTuning:
                           tasks=self.task_names, rank=p.factors.rank, factor_init_std=p.factors.init_std)
         if p.init == "file":
             try:
-                bank.load_tensors(init_tensors, p.init_file)
+                bank.load_tensors(init_tensors, p.init_file, pick=p.init_particle)
             except ValueError as e:
                 raise ConfigError(f"prompt.init_file: {e}") from None
+
+        self.check_inputs(bank)
 
         # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
         self.backbone = backbone = load_backbone(model_path, ds_config, eng.ds_dtype(ds_config),
@@ -114,6 +122,8 @@ class PromptTuning:
         self.engine = eng.Engine(cfg, PromptedT5(backbone.model, bank), ds_config)
         self._check_trainable(backbone.model)
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.row_weight = self.placement.row_weight(ds_config["gradient_accumulation_steps"])
+        self.prepare()
 
         if cfg.train.resume == "auto":
             state = self.engine.load_latest_checkpoint()
@@ -139,6 +149,39 @@ class PromptTuning:
                 f"{self.world} rank(s), global batch {cfg.train.global_batch_size} = micro "
                 f"{self.micro} x accumulation {accum} x ranks {self.world}; "
                 f"trainable parameters: {self.bank_size:,} (prompt bank only)")
+            self._info(self._placement_line(bank))
+
+    def _placement_line(self, bank) -> str:
+        """Where the particles live: which ranks run which, and whether ZeRO-3 partitions them."""
+        pl = self.placement
+        shape = "x".join(map(str, bank.shape))
+        part = getattr(bank.particles, "ds_tensor", None)
+        stored = (f"partitioned by ZeRO-3 ({part.numel():,} of {bank.particles.ds_numel:,} values on rank 0)"
+                  if part is not None and part.numel() < bank.particles.ds_numel else "stored whole on every rank")
+        if pl.mode == "every":
+            where = f"every rank runs all {pl.particles} on its share of the batch"
+        else:
+            where = (f"{pl.examples_per_particle()} examples per particle per step; rank 0 runs particle(s) "
+                     f"{pl.local_particles(0)}")
+        return f"particles [{shape}]: {where}; {stored}"
+
+    # -------------------------------------------------------- stage hooks
+    def check_inputs(self, bank: PromptBank) -> None:
+        """Cheap, stage-specific checks of files and values; runs before the backbone loads."""
+
+    def prepare(self) -> None:
+        """Stage-specific state once the engine exists (priors, kernels)."""
+
+    def grad_hook(self):
+        """A function (theta, grad) -> grad applied to the particles each step, or None."""
+        return None
+
+    def extra_scalars(self) -> dict[str, float]:
+        """Stage-specific TensorBoard scalars of the latest step."""
+        return {}
+
+    def export_extras(self, tensors: dict) -> None:
+        """Stage-specific outputs at the end (rank 0 only)."""
 
     def _check_trainable(self, backbone) -> None:
         """Only the prompt bank may train: a backbone weight with requires_grad is a bug."""
@@ -153,35 +196,40 @@ class PromptTuning:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        per_rank = t.global_batch_size // self.world
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc=f"{cfg.stage}",
                    dynamic_ncols=True)
-        window_loss, window_steps, window_samples, window_tokens = None, 0, 0, 0
+        window, window_samples, window_tokens = None, 0, 0
         window_start = time.perf_counter()
+        hook = self.grad_hook()
+        lo, hi = self.placement.rank_rows(self.rank)
+        row_particles = self.placement.row_particles(self.rank)
         while self.step < t.steps and not self.stopped:
             picks = self.sampler.global_batch_at(self.step)
-            mine = picks[self.rank * per_rank:(self.rank + 1) * per_rank]
-            micro = [collate(self.train_tasks, mine[i:i + self.micro], self.pad_id)
-                     for i in range(0, per_rank, self.micro)]
+            mine = picks[lo:hi]
+            micro = []
+            for i in range(0, len(mine), self.micro):
+                mb = collate(self.train_tasks, mine[i:i + self.micro], self.pad_id)
+                if row_particles is not None:
+                    mb["particle_ids"] = row_particles[i:i + self.micro]
+                micro.append(mb)
             # Dropout draws depend on (seed, step, rank) only, so a resumed run draws what an
             # uninterrupted one would have.
             torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
-            losses = self.engine.train_step(micro)
+            stats = self.engine.train_step(micro, self.row_weight, hook)
             self.step += 1
-            window_loss = losses if window_loss is None else window_loss + losses
-            window_steps += 1
+            if window is None:
+                window = stats
+            else:
+                window.merge(stats)
             window_samples += len(picks)
             window_tokens += sum(len(self.train_tasks[k].inputs[i]) + len(self.train_tasks[k].targets[i])
                                  for k, i in picks)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                loss = window_loss / window_steps
-                if self.world > 1:
-                    dist.all_reduce(loss)
-                    loss /= self.world
+                particle_loss, task_loss = window.reduced()
                 elapsed = time.perf_counter() - window_start
-                self._log_train(loss, window_samples / elapsed, window_tokens / elapsed)
-                bar.set_postfix(loss=f"{loss.mean().item():.4f}")
-                window_loss, window_steps, window_samples, window_tokens = None, 0, 0, 0
+                self._log_train(particle_loss, task_loss, window_samples / elapsed, window_tokens / elapsed)
+                bar.set_postfix(loss=f"{particle_loss.mean().item():.4f}")
+                window, window_samples, window_tokens = None, 0, 0
                 window_start = time.perf_counter()
             bar.update(1)
             if t.eval_every and self.step % t.eval_every == 0 and self.eval_tasks:
@@ -194,7 +242,8 @@ class PromptTuning:
                 self._info(f"early stop at step {self.step}: no gain in {t.patience} evaluations")
         bar.close()
 
-    def _log_train(self, loss: torch.Tensor, samples_per_s: float, tokens_per_s: float) -> None:
+    def _log_train(self, loss: torch.Tensor, task_loss: torch.Tensor, samples_per_s: float,
+                   tokens_per_s: float) -> None:
         if not self.is_main:
             return
         w, s = self.writer, self.step
@@ -202,6 +251,11 @@ class PromptTuning:
         if loss.numel() > 1:
             for m, value in enumerate(loss.tolist()):
                 w.add_scalar(f"train/loss_particle_{m}", value, s)
+        if len(self.train_tasks) > 1:
+            for task in self.train_tasks:
+                w.add_scalar(f"train/loss_task/{task.name}", task_loss[task.task_id].item(), s)
+        for key, value in self.extra_scalars().items():
+            w.add_scalar(key, value, s)
         w.add_scalar("train/lr", self.engine.lr(), s)
         norm = self.engine.grad_norm()
         if norm is not None:
@@ -235,6 +289,7 @@ class PromptTuning:
             from safetensors.torch import save_file
 
             eng.atomic_write(self.out / "prompts.safetensors", lambda f: save_file(tensors, str(f)))
+            self.export_extras(tensors)
             eng.atomic_write(self.out / "metrics.json",
                              lambda f: f.write_text(json.dumps(self.last_metrics, indent=2) + "\n"))
             self.writer.flush()

@@ -1,0 +1,135 @@
+"""BMTPT (algorithms.md §4–§5): the source posterior by SVGD, and the target stage that uses it.
+
+Stage `bmtpt-source`: M particles of the base prompt S move along SVGD's direction for
+    log p(θ | D) = log N(θ; 0, σ₀² I) [svgd.prior_std] - scale · L(θ; B) [svgd.likelihood_scale]
+where L is the mean loss over the particle's block of the multitask global batch. Particles
+are placed over ranks (engine.Placement, mode "split"); DeepSpeed reduces every particle's
+gradient over the ranks, and the engine's gradient hook, after that reduction and before
+the optimizer, turns the full gradient matrix G into -φ on every rank alike:
+    φ = (K · ∇log p + repulsive) / M,  K, h from the full fp32 particles.
+Since φ is linear in G, reducing G and then applying K equals summing every rank's K·G_r;
+the repulsive and prior terms depend on θ alone and are added once, after the reduction.
+
+Stage `target`: prompt tuning on the target task(s), starting from an earlier run's prompt
+file (the mean of a BMTPT posterior, one chosen particle, or any one prompt), with optional
+low-rank factors on top (prompt.factors.rank, train.factor_lr) and an optional prior
+-β · log p̂(S) / (l·d) fitted to the source particles (prior.kind, prior.beta).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import svgd
+from ..config import ConfigError
+from ..prompts import load_prompts_file
+from .prompt_tuning import PromptTuning
+
+
+class BMTPTSource(PromptTuning):
+    placement_mode = "split"
+
+    def check_inputs(self, bank) -> None:
+        s = self.cfg.svgd
+        if s.likelihood_scale is None:
+            # Σ_k N_k: the sampler mixes tasks in proportion to their sizes, so the mean loss
+            # of a batch times the total count estimates Σ_k N_k · L_k.
+            self.scale = float(sum(len(self.raw[n].train) for n in self.cfg.data.tasks))
+        else:
+            self.scale = float(s.likelihood_scale)
+        self.last: dict[str, float] = {}
+
+    def prepare(self) -> None:
+        s = self.cfg.svgd
+        prior = f"N(0, {s.prior_std}² I)" if s.prior_std else "none"
+        self._info(f"SVGD: {self.cfg.prompt.particles} particles, likelihood scale {self.scale:g}"
+                   f"{' (training examples)' if s.likelihood_scale is None else ''}, prior {prior}, "
+                   f"bandwidth {'median heuristic' if s.bandwidth is None else s.bandwidth}, "
+                   f"repulsive term {'on' if s.repulsive else 'off'}")
+
+    def grad_hook(self):
+        s = self.cfg.svgd
+
+        def hook(theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            flat, g = theta.flatten(1), grad.flatten(1)
+            log_prob_grad = -self.scale * g
+            if s.prior_std:
+                log_prob_grad = log_prob_grad - flat / s.prior_std ** 2
+            terms = svgd.svgd_terms(flat, log_prob_grad, s.bandwidth, s.repulsive)
+            m = flat.shape[0]
+            self.last = {
+                "svgd/bandwidth": terms.bandwidth,
+                "svgd/mean_pairwise_distance": svgd.mean_pairwise_distance(flat),
+                # Per-particle RMS of the two parts of φ: their ratio is what the scale sets.
+                "svgd/driving_norm": terms.driving.norm().item() / m ** 0.5,
+                "svgd/repulsive_norm": terms.repulsive.norm().item() / m ** 0.5,
+                "svgd/kernel_offdiag_mean": ((terms.kernel.sum() - terms.kernel.diagonal().sum())
+                                             / max(1, m * (m - 1))).item(),
+            }
+            return (-terms.phi).view_as(grad)
+
+        return hook
+
+    def extra_scalars(self) -> dict[str, float]:
+        return dict(self.last)
+
+    def export_extras(self, tensors: dict) -> None:
+        """The particles in TensorBoard's embedding projector: the posterior's spread at a glance."""
+        parts = tensors["particles"]
+        m, l, _ = parts.shape
+        self.writer.add_embedding(parts.flatten(1), metadata=[f"particle {i}" for i in range(m)],
+                                  tag="particles", global_step=self.step)
+        self.writer.add_embedding(parts.flatten(0, 1), metadata=[[f"particle {i}", f"token {j}"]
+                                                                 for i in range(m) for j in range(l)],
+                                  metadata_header=["particle", "position"], tag="particle_tokens",
+                                  global_step=self.step)
+
+
+class Target(PromptTuning):
+    def check_inputs(self, bank) -> None:
+        pr = self.cfg.prior
+        self.prior = None
+        self.last: dict[str, float] = {}
+        if pr.beta > 0:
+            key = "prior.file" if pr.file else "prompt.init_file"
+            tensors = load_prompts_file(pr.file or self.cfg.prompt.init_file, key=key)
+            source = tensors.get("particles")
+            if source is None or source.dim() != 3 or tuple(source.shape[1:]) != bank.shape[1:]:
+                raise ConfigError(
+                    f"{key}: the prior needs source particles [M, {bank.length}, {bank.dim}] (prompt.length "
+                    f"x the backbone's d_model); the file has "
+                    f"{'none' if source is None else list(source.shape)}")
+            self.prior = svgd.make_prior(pr.kind, source.float(), pr.bandwidth)
+            self.source_shape = tuple(source.shape)
+
+    def prepare(self) -> None:
+        pr, bank = self.cfg.prior, self.engine.model.bank
+        if self.prior is not None:
+            self.prior = self.prior.to(self.engine.device)
+            self._info(f"prior: {pr.kind} over {self.source_shape[0]} source particles, beta {pr.beta:g} "
+                       f"(objective: target loss - beta * log p(S) / {bank.length * bank.dim})")
+        if bank.rank > 0:
+            t = self.cfg.train
+            self._info(f"factors: rank {bank.rank}, lr {t.factor_lr if t.factor_lr is not None else t.lr:g} "
+                       f"(prompt lr {t.lr:g}); parameters per target task: "
+                       f"{bank.length * bank.dim + (bank.length + bank.dim) * bank.rank:,}")
+
+    def grad_hook(self):
+        if self.prior is None:
+            return None
+        beta = self.cfg.prior.beta
+
+        def hook(theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            dims = theta[0].numel()
+            with torch.enable_grad():
+                x = theta.detach().requires_grad_(True)
+                log_p = self.prior.log_prob(x) / dims          # [M], per prompt coordinate
+                (d_log_p,) = torch.autograd.grad(log_p.sum(), x)
+            self.last = {"prior/log_prob_per_dim": log_p.mean().item(),
+                         "prior/term": (-beta * log_p).mean().item(),
+                         "prior/grad_norm": (beta * d_log_p).norm().item()}
+            return grad - beta * d_log_p
+
+        return hook
+
+    def extra_scalars(self) -> dict[str, float]:
+        return dict(self.last)
