@@ -133,8 +133,10 @@ class SVGDConfig:
 
 @dataclass
 class PriorConfig:
-    """Stage target: -β · log p̂(S) / (l·d) added to the target loss, p̂ fitted to a BMTPT
-    source's particles (algorithms.md §5). Per prompt coordinate, so one β fits every size."""
+    """Stage target: -β · log p̂(S) added to the target loss, p̂ fitted to a BMTPT source's
+    particles (algorithms.md §5). The scale of log p̂ differs by kind: the KDE with the median
+    bandwidth is broad (its kernel variance per coordinate is h/2), a diagonal Gaussian is
+    sharp; compare prior/grad_norm with train/grad_norm in TensorBoard when choosing β."""
 
     kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
     # 0 switches the prior off (the source then only initializes the prompt).

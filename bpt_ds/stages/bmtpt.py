@@ -13,7 +13,8 @@ the repulsive and prior terms depend on θ alone and are added once, after the r
 Stage `target`: prompt tuning on the target task(s), starting from an earlier run's prompt
 file (the mean of a BMTPT posterior, one chosen particle, or any one prompt), with optional
 low-rank factors on top (prompt.factors.rank, train.factor_lr) and an optional prior
--β · log p̂(S) / (l·d) fitted to the source particles (prior.kind, prior.beta).
+-β · log p̂(S) fitted to the source particles (prior.kind, prior.beta), added to the
+gradient after the reduction, once per step.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class Target(PromptTuning):
         if self.prior is not None:
             self.prior = self.prior.to(self.engine.device)
             self._info(f"prior: {pr.kind} over {self.source_shape[0]} source particles, beta {pr.beta:g} "
-                       f"(objective: target loss - beta * log p(S) / {bank.length * bank.dim})")
+                       f"(objective: target loss - beta * log p(S))")
         if bank.rank > 0:
             t = self.cfg.train
             self._info(f"factors: rank {bank.rank}, lr {t.factor_lr if t.factor_lr is not None else t.lr:g} "
@@ -119,12 +120,12 @@ class Target(PromptTuning):
         beta = self.cfg.prior.beta
 
         def hook(theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-            dims = theta[0].numel()
             with torch.enable_grad():
                 x = theta.detach().requires_grad_(True)
-                log_p = self.prior.log_prob(x) / dims          # [M], per prompt coordinate
+                log_p = self.prior.log_prob(x)                  # [M]
                 (d_log_p,) = torch.autograd.grad(log_p.sum(), x)
-            self.last = {"prior/log_prob_per_dim": log_p.mean().item(),
+            # Compare prior/grad_norm with train/grad_norm (the loss's, clipped) to choose beta.
+            self.last = {"prior/log_prob": log_p.mean().item(),
                          "prior/term": (-beta * log_p).mean().item(),
                          "prior/grad_norm": (beta * d_log_p).norm().item()}
             return grad - beta * d_log_p

@@ -123,7 +123,6 @@ class PromptTuning:
         self._check_trainable(backbone.model)
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.row_weight = self.placement.row_weight(ds_config["gradient_accumulation_steps"])
-        self.prepare()
 
         if cfg.train.resume == "auto":
             state = self.engine.load_latest_checkpoint()
@@ -150,6 +149,7 @@ class PromptTuning:
                 f"{self.micro} x accumulation {accum} x ranks {self.world}; "
                 f"trainable parameters: {self.bank_size:,} (prompt bank only)")
             self._info(self._placement_line(bank))
+        self.prepare()
 
     def _placement_line(self, bank) -> str:
         """Where the particles live: which ranks run which, and whether ZeRO-3 partitions them."""
