@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bpt_ds.config import ConfigError, load_config, to_yaml
+from bpt_ds.config import ConfigError, load_config, load_runs, to_yaml
 from bpt_ds.engine import resolve_ds_config
 
 
@@ -44,6 +44,13 @@ def test_yaml_then_overrides(tmp_path):
     ("data.local.mine.input_column=text", "data.local.mine needs a file: set data.local.mine.train and/or .validation"),
     ("train", "override 'train' must look like key.sub=value (e.g. train.steps=300)"),
     ("train.steps.x=1", "config key 'train.steps' expects int; got {'x': 1}"),
+    ("stage=target", "stage 'target' with prompt.init=file needs prompt.init_file: the prompts.safetensors"),
+    ("prompt.init_particle=-1", "config key 'prompt.init_particle' must be >= 0; got -1"),
+    ("svgd.likelihood_scale=0", "config key 'svgd.likelihood_scale' must be a finite number > 0 (or null); got 0.0"),
+    ("svgd.bandwidth=-2", "config key 'svgd.bandwidth' must be a finite number > 0 (or null); got -2.0"),
+    ("prior.kind=gauss", "config key 'prior.kind' expects one of 'kde', 'gaussian-isotropic', 'gaussian-diagonal'; "
+                         "got 'gauss'"),
+    ("prior.beta=0.5", "prior.beta=0.5 applies to stage 'target' only; this run is stage 'pt' (set prior.beta=0)"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -90,5 +97,86 @@ def test_ds_config_gets_batch_sizes_and_checks_conflicts(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    cfg = load_config(str(path))
-    assert cfg.stage in ("pt", "spot")
+    runs = load_runs(str(path))
+    assert all(cfg.stage in ("pt", "spot", "bmtpt-source", "target") for _, cfg in runs)
+
+
+def test_bmtpt_source_rejects_factors():
+    with pytest.raises(ConfigError, match="stage 'bmtpt-source' samples the base prompt S only: set "
+                                          r"prompt.factors.rank=0 \(low-rank factors belong to the target stage\)"):
+        load_config(None, ["stage=bmtpt-source", "prompt.factors.rank=1"])
+
+
+PIPELINE = """
+output_dir: runs/p
+defaults:
+  seed: 7
+  train: {steps: 10}
+stages:
+  - name: source
+    stage: bmtpt-source
+    prompt: {particles: 4}
+    data: {tasks: [sentiment, mood]}
+  - name: target
+    stage: target
+    prompt: {init_file: "{source}"}
+    train: {steps: 20}
+"""
+
+
+def test_pipeline_chains_stages_by_output_path(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(PIPELINE)
+    runs = load_runs(str(f), ["train.lr=0.05", "target.prior.beta=0.1", "output_dir=/x"])
+    (n1, source), (n2, target) = runs
+    assert (n1, source.stage, source.output_dir, source.seed) == ("source", "bmtpt-source", "/x/source", 7)
+    assert (n2, target.stage, target.output_dir, target.prompt.init_file) == ("target", "target", "/x/target", "/x/source")
+    assert (source.train.steps, target.train.steps) == (10, 20)       # a stage's own keys win over defaults
+    assert source.train.lr == target.train.lr == 0.05                  # a plain override sets every stage
+    assert (source.prior.beta, target.prior.beta) == (0.0, 0.1)         # <name>.key sets one stage
+    assert target.prompt.init == "file"
+    assert [n for n, _ in load_runs(None)] == ["run"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("stage: target", "stage: target\n    trian: {}"),
+     "pipeline '{f}', stage 'target': unknown config key 'trian'. Did you mean 'train'?"),
+    (lambda t: t.replace('"{source}"', '"{target}"'),
+     "pipeline '{f}', stage 'target': '{{target}}' refers to stage 'target', which does not run before it"),
+    (lambda t: t.replace("name: target", "name: source"), "pipeline '{f}': two stages are named 'source'"),
+    (lambda t: t + "extra: 1\n", "pipeline '{f}': unknown top-level key(s) ['extra']; a pipeline has output_dir, "
+                                   "defaults, stages"),
+    (lambda t: t.replace("  - name: target", "  - name: a b"),
+     "pipeline '{f}': stages[1] needs a 'name' of letters, digits, - or _; got 'a b'"),
+])
+def test_pipeline_errors_name_the_stage(tmp_path, edit, message):
+    """Every stage is checked before the first one runs."""
+    f = tmp_path / "p.yaml"
+    f.write_text(edit(PIPELINE))
+    with pytest.raises(ConfigError) as e:
+        load_runs(str(f))
+    assert str(e.value).startswith(message.format(f=f))
+
+
+def test_particle_placement_over_ranks():
+    from bpt_ds.engine import Placement
+
+    # M = 4 on R = 2: whole particles per rank; each particle owns a block of B/M = 4 rows.
+    p = Placement.make("split", particles=4, world=2, global_batch=16)
+    assert p.row_particles(0).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert p.row_particles(1).tolist() == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert p.local_particles(1) == [2, 3] and p.row_weight(accumulation=2) == 2 * 2 / 4
+    # M = 2 on R = 4: two ranks share a particle and split its block.
+    q = Placement.make("split", particles=2, world=4, global_batch=16)
+    assert [q.local_particles(r) for r in range(4)] == [[0], [0], [1], [1]]
+    assert q.rank_rows(3) == (12, 16) and q.row_weight(accumulation=1) == 4 / 8
+    # Every rank, every particle (stage pt): rows are (particle, example) pairs over the rank's share.
+    e = Placement.make("every", particles=3, world=2, global_batch=16)
+    assert e.row_particles(0) is None and e.local_particles(1) == [0, 1, 2] and e.row_weight(1) == 2 / 16
+    with pytest.raises(ConfigError, match=r"^prompt.particles \(3\) and the number of ranks \(2\) do not fit: SVGD "
+                                          r"places whole particles on ranks, so one must be a multiple of the other; "
+                                          r"e.g. prompt.particles=1 or 2 or 4 or 8"):
+        Placement.make("split", particles=3, world=2, global_batch=12)
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size \(18\) must be a multiple of prompt.particles "
+                                          r"\(4\): each particle gets"):
+        Placement.make("split", particles=4, world=2, global_batch=18)
