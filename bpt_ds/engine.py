@@ -10,6 +10,8 @@ import os
 import resource
 import shutil
 import socket
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -24,6 +26,10 @@ from .data.batching import EncodedTask, collate, pad_candidates
 from .model import PromptedT5
 
 log = logging.getLogger(__name__)
+
+# torch 2.13 deprecates the collective names DeepSpeed 0.19 calls every step; the warning
+# repeats for each call and buries the progress bar. It says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,6 +309,7 @@ class Engine:
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
         self.device = self.ds.device
+        self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -329,7 +336,9 @@ class Engine:
             rows, particles = self.ds(**mb)
             self.ds.backward((rows * row_weight).sum())
             if grad_hook is not None and self.ds.is_gradient_accumulation_boundary():
+                started = time.perf_counter()
                 self._apply_grad_hook(grad_hook)
+                self.hook_seconds += time.perf_counter() - started
             self.ds.step()
             stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]))
         return stats

@@ -81,7 +81,8 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
 def test_without_repulsion_equal_particles_stay_equal_and_do_data_parallel_descent(cache, tmp_path):
     """(d) Two particles started equal, one per rank, repulsive term off, likelihood scale 1:
     K is all ones, so each particle moves along the mean of both ranks' gradients, which is
-    plain data-parallel gradient descent on the whole global batch (stage pt, one prompt)."""
+    plain data-parallel gradient descent on the whole global batch (stage pt, one prompt).
+    Gradient clipping is off: it acts on the norm over all particles together."""
     start = tmp_path / "start.safetensors"
     save_file({"particles": torch.randn(1, 8, 128, generator=torch.Generator().manual_seed(0)) * 0.5}, str(start))
     common = [*SOURCE[1:], "prompt.init=file", f"prompt.init_file={start}", "train.max_grad_norm=0"]
@@ -94,6 +95,11 @@ def test_without_repulsion_equal_particles_stay_equal_and_do_data_parallel_desce
     assert torch.equal(ps[0], ps[1])
     assert (pp[0] - load_file(str(start))["particles"][0]).norm() > 1.0
     torch.testing.assert_close(ps[0], pp[0], rtol=0, atol=2e-5)
+    # One particle shared by both ranks, each with half its block (R a multiple of M): the same.
+    shared = tmp_path / "shared"
+    assert run_ds(2, TRAIN, f"output_dir={shared}", "stage=bmtpt-source", *common, "prompt.particles=1",
+                  "svgd.likelihood_scale=1", cache=cache).returncode == 0
+    torch.testing.assert_close(particles(shared)[0], pp[0], rtol=0, atol=2e-5)
 
 
 def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):

@@ -200,7 +200,7 @@ class PromptTuning:
                    dynamic_ncols=True)
         window, window_samples, window_tokens = None, 0, 0
         window_start = time.perf_counter()
-        hook = self.grad_hook()
+        self.hook = hook = self.grad_hook()
         lo, hi = self.placement.rank_rows(self.rank)
         row_particles = self.placement.row_particles(self.rank)
         while self.step < t.steps and not self.stopped:
@@ -227,7 +227,9 @@ class PromptTuning:
             if self.step % t.log_every == 0 or self.step == t.steps:
                 particle_loss, task_loss = window.reduced()
                 elapsed = time.perf_counter() - window_start
-                self._log_train(particle_loss, task_loss, window_samples / elapsed, window_tokens / elapsed)
+                self._log_train(particle_loss, task_loss, window_samples / elapsed, window_tokens / elapsed,
+                                self.engine.hook_seconds / elapsed)
+                self.engine.hook_seconds = 0.0
                 bar.set_postfix(loss=f"{particle_loss.mean().item():.4f}")
                 window, window_samples, window_tokens = None, 0, 0
                 window_start = time.perf_counter()
@@ -243,7 +245,7 @@ class PromptTuning:
         bar.close()
 
     def _log_train(self, loss: torch.Tensor, task_loss: torch.Tensor, samples_per_s: float,
-                   tokens_per_s: float) -> None:
+                   tokens_per_s: float, hook_share: float) -> None:
         if not self.is_main:
             return
         w, s = self.writer, self.step
@@ -263,6 +265,9 @@ class PromptTuning:
         w.add_scalar("perf/samples_per_s", samples_per_s, s)
         w.add_scalar("perf/tokens_per_s", tokens_per_s, s)
         w.add_scalar("perf/peak_memory_mb", eng.peak_memory_mb(), s)
+        if self.hook is not None:
+            # Share of wall time in the gradient hook: all-gathers of θ and G, SVGD or the prior.
+            w.add_scalar("perf/grad_hook_share", hook_share, s)
 
     def _evaluate(self) -> bool:
         """Evaluates every eval task; returns True when early stopping says stop."""

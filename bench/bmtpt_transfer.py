@@ -1,0 +1,134 @@
+"""Transfer to a held-out task on the tiny backbone: PT vs SPoT vs BMTPT, same target steps and seeds.
+
+    python bench/bmtpt_transfer.py [--seeds 1 2 3] [--target-steps 100] [--out runs/bench-transfer]
+
+Sources (trained once, seed 42, equal steps and global batch):
+  spot-src       prompt tuning on the related tasks sentiment + mood (one prompt)
+  bmtpt-src      SVGD posterior, M particles, on sentiment + mood
+  spot-topic     prompt tuning on the unrelated task topic (control)
+  bmtpt-topic    SVGD posterior on topic (control)
+Targets (the held-out task polarity; every row: the same target steps, lr, batch and seeds):
+  pt             random init
+  spot           init from spot-src                 spot (unrelated)   init from spot-topic
+  bmtpt          init: mean of bmtpt-src particles, no prior (beta 0)
+  bmtpt+kde      the same, plus the particles' kernel density as prior
+  bmtpt+gauss    the same, plus a diagonal Gaussian fitted to the particles as prior
+  bmtpt (unrelated)  init: mean of bmtpt-topic particles
+It prints accuracy after 10/20/30 steps and at the end, and steps to 80% accuracy (early
+accuracy is where transfer shows on this backbone: ../shared/design/tiny-backbone.md), as
+mean ± std over the seeds, then the command that reproduced it. All runs share one
+process (one rank; CPU unless a GPU is present).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run(overrides: list[str]) -> None:
+    from bpt_ds.config import load_config
+    from bpt_ds.stages import run_stage
+
+    run_stage(load_config(None, overrides))
+
+
+def eval_curve(run_dir: Path, task: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(f"eval/{task}/accuracy")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--source-steps", type=int, default=200)
+    ap.add_argument("--target-steps", type=int, default=100)
+    ap.add_argument("--particles", type=int, default=4)
+    ap.add_argument("--target-lr", type=float, default=0.1)
+    ap.add_argument("--kde-beta", type=float, default=1.0)
+    ap.add_argument("--gauss-beta", type=float, default=0.01)
+    ap.add_argument("--eval-examples", type=int, default=200)
+    ap.add_argument("--out", default="runs/bench-transfer")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    out = Path(args.out)
+    common = ["model.dtype=auto", "prompt.length=16", "train.global_batch_size=32", "train.save_every=0",
+              "train.resume=never", "train.log_every=10", f"data.max_eval_examples={args.eval_examples}"]
+
+    start = time.time()
+    sources = {
+        "spot-src": ["stage=pt", "data.tasks=[sentiment,mood]", "prompt.init=vocab"],
+        "bmtpt-src": ["stage=bmtpt-source", "data.tasks=[sentiment,mood]", "prompt.init=vocab",
+                      f"prompt.particles={args.particles}"],
+        "spot-topic": ["stage=pt", "data.tasks=[topic]", "prompt.init=vocab"],
+        "bmtpt-topic": ["stage=bmtpt-source", "data.tasks=[topic]", "prompt.init=vocab",
+                        f"prompt.particles={args.particles}"],
+    }
+    for name, extra in sources.items():
+        run([*common, *extra, "seed=42", f"train.steps={args.source_steps}", "train.lr=0.3",
+             "train.eval_every=0", f"output_dir={out / name}"])
+
+    src = lambda name: str(out / name / "prompts.safetensors")  # noqa: E731
+    methods = {
+        "PT (random init)": ["stage=pt", "prompt.init=random"],
+        "SPoT": ["stage=spot", f"prompt.init_file={src('spot-src')}"],
+        "SPoT, unrelated source": ["stage=spot", f"prompt.init_file={src('spot-topic')}"],
+        "BMTPT init, no prior": ["stage=target", f"prompt.init_file={src('bmtpt-src')}"],
+        f"BMTPT init + KDE prior (beta {args.kde_beta:g})":
+            ["stage=target", f"prompt.init_file={src('bmtpt-src')}", "prior.kind=kde", f"prior.beta={args.kde_beta}"],
+        f"BMTPT init + Gaussian prior (diag, beta {args.gauss_beta:g})":
+            ["stage=target", f"prompt.init_file={src('bmtpt-src')}", "prior.kind=gaussian-diagonal",
+             f"prior.beta={args.gauss_beta}"],
+        "BMTPT init, unrelated source": ["stage=target", f"prompt.init_file={src('bmtpt-topic')}"],
+    }
+    results: dict[str, list[dict]] = {}
+    for i, (method, extra) in enumerate(methods.items()):
+        for seed in args.seeds:
+            run_dir = out / f"target-{i}-seed{seed}"
+            run([*common, *extra, "data.tasks=[polarity]", f"seed={seed}", f"train.steps={args.target_steps}",
+                 f"train.lr={args.target_lr}", "train.eval_every=10", f"output_dir={run_dir}"])
+            curve = eval_curve(run_dir, "polarity")
+            reached = [s for s, a in sorted(curve.items()) if a >= 0.8]
+            results.setdefault(method, []).append({
+                "seed": seed, "curve": curve, "acc@10": curve.get(10), "acc@20": curve.get(20),
+                "acc@30": curve.get(30), "final": curve[max(curve)],
+                "steps_to_80": reached[0] if reached else None})
+
+    def cell(rows: list[dict], key: str, fmt: str) -> str:
+        values = [r[key] for r in rows if r[key] is not None]
+        if not values:
+            return "never"
+        missing = f" ({len(rows) - len(values)} never)" if len(values) < len(rows) else ""
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}{missing}"
+
+    lines = [f"| method | acc@10 | acc@20 | acc@30 | acc@{args.target_steps} | steps to 80% |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for method, rows in results.items():
+        lines.append(f"| {method} | {cell(rows, 'acc@10', '.3f')} | {cell(rows, 'acc@20', '.3f')} | "
+                     f"{cell(rows, 'acc@30', '.3f')} | {cell(rows, 'final', '.3f')} | "
+                     f"{cell(rows, 'steps_to_80', '.0f')} |")
+    command = "python bench/bmtpt_transfer.py " + " ".join(sys.argv[1:])
+    print()
+    print(f"Target: polarity, {args.target_steps} steps, lr {args.target_lr}, batch 32, seeds {args.seeds}; "
+          f"sources: {args.source_steps} steps, seed 42, {args.particles} particles for BMTPT. "
+          f"Evaluated on {args.eval_examples} validation examples every 10 steps. {time.time() - start:.0f} s.")
+    print("\n".join(lines))
+    print(f"\nreproduce: {command.strip()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
