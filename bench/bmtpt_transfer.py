@@ -14,7 +14,7 @@ Targets (the held-out task polarity; every row: the same target steps, lr, batch
   bmtpt+kde      the same, plus the particles' kernel density as prior
   bmtpt+gauss    the same, plus a diagonal Gaussian fitted to the particles as prior
   bmtpt (unrelated)  init: mean of bmtpt-topic particles
-It prints accuracy after 10/20/30 steps and at the end, and steps to 80% accuracy (early
+It prints accuracy at the start and after 10/20/30 steps and at the end, and steps to 80% accuracy (early
 accuracy is where transfer shows on this backbone: ../shared/design/tiny-backbone.md), as
 mean ± std over the seeds, then the command that reproduced it. All runs share one
 process (one rank; CPU unless a GPU is present).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -55,11 +56,13 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=100)
     ap.add_argument("--particles", type=int, default=4)
     ap.add_argument("--target-lr", type=float, default=0.1)
-    ap.add_argument("--kde-beta", type=float, default=1.0)
-    ap.add_argument("--gauss-beta", type=float, default=0.01)
+    ap.add_argument("--kde-beta", type=float, default=5.0)
+    ap.add_argument("--gauss-beta", type=float, default=0.001)
     ap.add_argument("--eval-examples", type=int, default=200)
     ap.add_argument("--out", default="runs/bench-transfer")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--reuse-sources", action="store_true",
+                    help="keep source runs already in --out (same settings assumed) instead of retraining them")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     out = Path(args.out)
@@ -76,6 +79,8 @@ def main() -> None:
                         f"prompt.particles={args.particles}"],
     }
     for name, extra in sources.items():
+        if args.reuse_sources and (out / name / "prompts.safetensors").is_file():
+            continue
         run([*common, *extra, "seed=42", f"train.steps={args.source_steps}", "train.lr=0.3",
              "train.eval_every=0", f"output_dir={out / name}"])
 
@@ -96,12 +101,14 @@ def main() -> None:
     for i, (method, extra) in enumerate(methods.items()):
         for seed in args.seeds:
             run_dir = out / f"target-{i}-seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh TensorBoard log for the curve
             run([*common, *extra, "data.tasks=[polarity]", f"seed={seed}", f"train.steps={args.target_steps}",
-                 f"train.lr={args.target_lr}", "train.eval_every=10", f"output_dir={run_dir}"])
+                 f"train.lr={args.target_lr}", "train.eval_every=10", "train.eval_at_start=true",
+                 f"output_dir={run_dir}"])
             curve = eval_curve(run_dir, "polarity")
             reached = [s for s, a in sorted(curve.items()) if a >= 0.8]
             results.setdefault(method, []).append({
-                "seed": seed, "curve": curve, "acc@10": curve.get(10), "acc@20": curve.get(20),
+                "seed": seed, "curve": curve, "acc@0": curve.get(0), "acc@10": curve.get(10), "acc@20": curve.get(20),
                 "acc@30": curve.get(30), "final": curve[max(curve)],
                 "steps_to_80": reached[0] if reached else None})
 
@@ -113,10 +120,11 @@ def main() -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}{missing}"
 
-    lines = [f"| method | acc@10 | acc@20 | acc@30 | acc@{args.target_steps} | steps to 80% |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| method | acc@0 | acc@10 | acc@20 | acc@30 | acc@{args.target_steps} | steps to 80% |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method, rows in results.items():
-        lines.append(f"| {method} | {cell(rows, 'acc@10', '.3f')} | {cell(rows, 'acc@20', '.3f')} | "
+        lines.append(f"| {method} | {cell(rows, 'acc@0', '.3f')} | {cell(rows, 'acc@10', '.3f')} | "
+                     f"{cell(rows, 'acc@20', '.3f')} | "
                      f"{cell(rows, 'acc@30', '.3f')} | {cell(rows, 'final', '.3f')} | "
                      f"{cell(rows, 'steps_to_80', '.0f')} |")
     command = "python bench/bmtpt_transfer.py " + " ".join(sys.argv[1:])

@@ -97,6 +97,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     log_every: int = 10
     eval_every: int = 50
+    # Also evaluate before the first step (the starting prompt's accuracy, logged at step 0).
+    eval_at_start: bool = False
     # Stop after this many evaluations without improvement of the mean eval metric; 0 = never.
     patience: int = 0
     eval_batch_size: int = 64
@@ -129,6 +131,9 @@ class SVGDConfig:
     likelihood_scale: Optional[float] = None
     # σ₀ of the prior N(0, σ₀² I) on the base prompt; null: no prior term.
     prior_std: Optional[float] = None
+    # Std of Gaussian noise added to every particle at the start (not on resume). Particles
+    # that start equal (e.g. from a one-prompt init_file) feel no repulsion and stay equal.
+    init_noise: float = 0.0
 
 
 @dataclass
@@ -136,7 +141,7 @@ class PriorConfig:
     """Stage target: -β · log p̂(S) added to the target loss, p̂ fitted to a BMTPT source's
     particles (algorithms.md §5). The scale of log p̂ differs by kind: the KDE with the median
     bandwidth is broad (its kernel variance per coordinate is h/2), a diagonal Gaussian is
-    sharp; compare prior/grad_norm with train/grad_norm in TensorBoard when choosing β."""
+    sharp; compare prior/grad_norm with prior/loss_grad_norm in TensorBoard when choosing β."""
 
     kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
     # 0 switches the prior off (the source then only initializes the prompt).
@@ -461,6 +466,8 @@ def validate(cfg: RunConfig) -> None:
         if value is not None:
             _require(math.isfinite(value) and value > 0,
                      f"config key '{key}' must be a finite number > 0 (or null); got {value}")
+    _require(math.isfinite(sv.init_noise) and sv.init_noise >= 0,
+             f"config key 'svgd.init_noise' must be a finite number >= 0; got {sv.init_noise}")
     _require(math.isfinite(pr.beta) and pr.beta >= 0,
              f"config key 'prior.beta' must be a finite number >= 0; got {pr.beta}")
     if cfg.stage == "bmtpt-source":

@@ -451,7 +451,8 @@ class Engine:
         return client_state
 
     def set_aside_checkpoints(self) -> Optional[Path]:
-        """train.resume=never: earlier checkpoints move to a dated sibling instead of being deleted."""
+        """train.resume=never: earlier checkpoints (and the earlier TensorBoard log, which the new
+        run's curves would mix with) move to dated siblings instead of being deleted."""
         root = self.checkpoint_dir()
         moved = None
         if rank() == 0 and root.is_dir() and any(root.iterdir()):
@@ -460,6 +461,9 @@ class Engine:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             moved = root.with_name(f"checkpoints-set-aside-{stamp}")
             os.replace(root, moved)
+            tb = root.with_name("tb")
+            if tb.is_dir():
+                os.replace(tb, root.with_name(f"tb-set-aside-{stamp}"))
         barrier()
         return moved
 

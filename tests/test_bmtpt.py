@@ -128,7 +128,7 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     config = (out / "target" / "config.yaml").read_text()
     assert f"init_file: {out / 'source'}" in config
     logged = scalars(out / "target")
-    assert {"prior/log_prob", "prior/term", "prior/grad_norm"} <= set(logged)
+    assert {"prior/log_prob", "prior/term", "prior/grad_norm", "prior/loss_grad_norm"} <= set(logged)
     mean = source.mean(0)
     with_prior = (target["particles"][0] - mean).norm()
     without = (particles(out / "noprior")[0] - mean).norm()

@@ -198,6 +198,7 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     assert fresh.returncode == 0 and "train.resume=never: earlier checkpoints moved to" in fresh.stdout
     aside = [d for d in out.iterdir() if d.name.startswith("checkpoints-set-aside-")]
     assert len(aside) == 1 and (aside[0] / "step00000003").is_dir()
+    assert len([d for d in out.iterdir() if d.name.startswith("tb-set-aside-")]) == 1  # curves stay apart
     assert (out / "checkpoints" / "latest").read_text() == "step00000002"
 
 

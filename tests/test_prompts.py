@@ -139,3 +139,27 @@ def test_particle_ids_put_each_example_under_its_own_particle(tiny_backbone_path
     rows, parts = model(**batch, particle_ids=picked)
     assert parts.tolist() == [2, 0, 1]
     torch.testing.assert_close(rows, every.view(3, 3)[picked, torch.arange(3)], rtol=1e-5, atol=1e-6)
+
+
+def test_bmtpt_source_warns_about_equal_particles_and_spreads_them(caplog):
+    """Equal particles feel no repulsion: the source stage says so, and svgd.init_noise spreads them."""
+    from bpt_ds.config import load_config
+    from bpt_ds.stages.bmtpt import BMTPTSource
+
+    def start(*overrides):
+        bank = PromptBank(3, 4, 8)
+        bank.load_tensors({"particles": torch.ones(1, 4, 8)}, "f")
+        BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3", *overrides])).after_init(bank)
+        return bank.particles.detach()
+
+    with caplog.at_level("WARNING"):
+        same = start()
+    assert torch.equal(same, torch.ones(3, 4, 8))
+    assert ("bmtpt-source: all 3 particles start equal (prompt.init_file holds one prompt?); SVGD's repulsion is "
+            "zero between equal particles, so they would stay equal. Set svgd.init_noise (e.g. 0.01) to spread them."
+            ) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        spread = start("svgd.init_noise=0.01")
+    assert "start equal" not in caplog.text
+    assert 0.005 < (spread - 1).std().item() < 0.02 and not torch.equal(spread[0], spread[1])

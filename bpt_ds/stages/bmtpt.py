@@ -20,14 +20,30 @@ from __future__ import annotations
 
 import torch
 
+import logging
+
 from .. import svgd
 from ..config import ConfigError
 from ..prompts import load_prompts_file
 from .prompt_tuning import PromptTuning
 
+log = logging.getLogger(__name__)
+
 
 class BMTPTSource(PromptTuning):
     placement_mode = "split"
+
+    def after_init(self, bank) -> None:
+        s = self.cfg.svgd
+        if s.init_noise > 0:
+            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+            with torch.no_grad():
+                bank.particles.add_(torch.randn(bank.shape, generator=gen) * s.init_noise)
+        p = bank.particles.detach()
+        if bank.num_particles > 1 and s.repulsive and bool((p == p[:1]).all()):
+            log.warning("bmtpt-source: all %d particles start equal (prompt.init_file holds one prompt?); "
+                        "SVGD's repulsion is zero between equal particles, so they would stay equal. "
+                        "Set svgd.init_noise (e.g. 0.01) to spread them.", bank.num_particles)
 
     def check_inputs(self, bank) -> None:
         s = self.cfg.svgd
@@ -124,10 +140,11 @@ class Target(PromptTuning):
                 x = theta.detach().requires_grad_(True)
                 log_p = self.prior.log_prob(x)                  # [M]
                 (d_log_p,) = torch.autograd.grad(log_p.sum(), x)
-            # Compare prior/grad_norm with train/grad_norm (the loss's, clipped) to choose beta.
+            # prior/grad_norm against prior/loss_grad_norm: how much of the step the prior steers.
             self.last = {"prior/log_prob": log_p.mean().item(),
                          "prior/term": (-beta * log_p).mean().item(),
-                         "prior/grad_norm": (beta * d_log_p).norm().item()}
+                         "prior/grad_norm": (beta * d_log_p).norm().item(),
+                         "prior/loss_grad_norm": grad.norm().item()}
             return grad - beta * d_log_p
 
         return hook

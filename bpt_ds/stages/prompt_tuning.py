@@ -8,7 +8,8 @@ Features, and how each is switched on:
 - gradient accumulation: train.global_batch_size / (train.micro_batch_size x ranks)
   (micro-batch null: the largest divisor of global / ranks up to 16)
 - learning-rate schedule: train.schedule, train.warmup_steps
-- evaluation (rank classification) every train.eval_every steps; early stopping: train.patience
+- evaluation (rank classification) every train.eval_every steps (and at step 0 with
+  train.eval_at_start); early stopping: train.patience
 - checkpoints of trainable state every train.save_every steps; resume: train.resume=auto
 - activation checkpointing of the frozen backbone: model.gradient_checkpointing
 Outputs in output_dir: config.yaml, ds_config.json (the resolved DeepSpeed config),
@@ -118,6 +119,7 @@ class PromptTuning:
         elif p.init == "vocab":
             rows = sample_vocab_embeddings(backbone.model, p.particles * p.length, gen)
             bank.init_rows(rows.view(p.particles, p.length, -1))
+        self.after_init(bank)
         self.bank_size = bank.size()
         self.engine = eng.Engine(cfg, PromptedT5(backbone.model, bank), ds_config)
         self._check_trainable(backbone.model)
@@ -169,6 +171,9 @@ class PromptTuning:
     def check_inputs(self, bank: PromptBank) -> None:
         """Cheap, stage-specific checks of files and values; runs before the backbone loads."""
 
+    def after_init(self, bank: PromptBank) -> None:
+        """Stage-specific changes to the initialized prompt bank, before DeepSpeed takes it."""
+
     def prepare(self) -> None:
         """Stage-specific state once the engine exists (priors, kernels)."""
 
@@ -198,6 +203,8 @@ class PromptTuning:
         cfg, t = self.cfg, self.cfg.train
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc=f"{cfg.stage}",
                    dynamic_ncols=True)
+        if t.eval_at_start and self.step == 0 and self.eval_tasks:
+            self._evaluate()
         window, window_samples, window_tokens = None, 0, 0
         window_start = time.perf_counter()
         self.hook = hook = self.grad_hook()
