@@ -25,13 +25,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runs = load_runs(args.config, args.overrides)  # a pipeline's stages are all checked up front
-        from bpt_ds.stages import run_stage
+        from bpt_ds.stages import run_pipeline
 
-        for i, (name, cfg) in enumerate(runs):
-            if len(runs) > 1 and os.environ.get("RANK", "0") == "0":
-                print(f"[bpt_ds] pipeline stage {i + 1}/{len(runs)}: {name} ({cfg.stage}) -> {cfg.output_dir}",
-                      flush=True)
-            run_stage(cfg)
+        rank0 = os.environ.get("RANK", "0") == "0"
+        run_pipeline(runs, say=lambda line: print(line, flush=True) if rank0 else None)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return 2

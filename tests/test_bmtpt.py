@@ -113,9 +113,10 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
              "    prior: {beta: 0.0}\n    data: {tasks: [polarity]}\n    train: {steps: 12, lr: 0.1, factor_lr: 0.01}\n")
     pipeline.write_text(text)
     out = tmp_path / "runs"
-    proc = run_ds(1, TRAIN, "--config", str(pipeline), f"output_dir={out}", "model.dtype=fp32", "train.steps=12",
-                  "train.eval_every=0", "train.save_every=0", "train.log_every=4", "source.data.synthetic_train_examples=400",
-                  "target.prior.kind=gaussian-diagonal", "target.prior.beta=0.01", cache=cache)
+    args = ["--config", str(pipeline), f"output_dir={out}", "model.dtype=fp32", "train.steps=12",
+            "train.eval_every=0", "train.save_every=0", "train.log_every=4", "source.data.synthetic_train_examples=400",
+            "target.prior.kind=gaussian-diagonal", "target.prior.beta=0.01"]
+    proc = run_ds(1, TRAIN, *args, cache=cache)
     assert proc.returncode == 0
     assert "[bpt_ds] pipeline stage 2/3: target (target) -> " + str(out / "target") in proc.stdout
     assert "prior: gaussian-diagonal over 4 source particles, beta 0.01" in proc.stdout
@@ -134,3 +135,18 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     without = (particles(out / "noprior")[0] - mean).norm()
     assert with_prior < 0.8 * without
     assert json.loads((out / "target" / "metrics.json").read_text())["polarity"]["examples"] == 200
+
+    # The same command again: every stage finished with this config, so nothing runs.
+    again = run_ds(1, TRAIN, *args, cache=cache)
+    assert again.returncode == 0
+    for i, name in enumerate(["source", "target", "noprior"]):
+        assert f"stage {i + 1}/3: {name} " in again.stdout and "already finished" in again.stdout
+    assert "Loading weights" in proc.stderr + proc.stdout and "Loading weights" not in again.stderr + again.stdout
+    # A changed source runs again (resuming its checkpoint); the stages after it start fresh.
+    changed = run_ds(1, TRAIN, *args, "source.train.steps=13", "target.train.steps=2", "noprior.train.steps=2",
+                     cache=cache)
+    assert changed.returncode == 0
+    assert "resumed from step 12" in changed.stdout
+    assert f"pipeline stage 2/3: target (target) -> {out / 'target'} (fresh: an earlier stage ran)" in changed.stdout
+    assert "train.resume=never: earlier checkpoints moved to" in changed.stdout
+    assert (out / "target" / "checkpoints" / "latest").read_text() == "step00000002"

@@ -28,13 +28,26 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .. import engine as eng
 from ..backbone import load_backbone, resolve_model_path, sample_vocab_embeddings
-from ..config import ConfigError, RunConfig, to_yaml
+from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..data.batching import MixtureSampler, collate, encode_task
 from ..data.tasks import DataError, load_task
 from ..model import PromptedT5
 from ..prompts import PromptBank, load_prompts_file
 
 log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+
+
+def finished(cfg: RunConfig) -> bool:
+    """Whether output_dir holds the finished outputs of exactly this config (see finish)."""
+    marker = Path(cfg.output_dir) / DONE_FILE
+    if not marker.is_file() or not (Path(cfg.output_dir) / "prompts.safetensors").is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("config") == json.loads(json.dumps(to_dict(cfg)))
+    except (ValueError, AttributeError):
+        return False
 
 
 class PromptTuning:
@@ -305,6 +318,9 @@ class PromptTuning:
             eng.atomic_write(self.out / "metrics.json",
                              lambda f: f.write_text(json.dumps(self.last_metrics, indent=2) + "\n"))
             self.writer.flush()
+            # Last: a pipeline skips this stage on a rerun only when this marker matches its config.
+            done = {"step": self.step, "config": to_dict(self.cfg)}
+            eng.atomic_write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))
             self._info(f"done at step {self.step}. Outputs in {self.out.resolve()}:")
             self._info(f"  prompts      {self.out / 'prompts.safetensors'}")
             self._info(f"  metrics      {self.out / 'metrics.json'}")
