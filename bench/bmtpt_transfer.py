@@ -7,10 +7,13 @@ Sources (trained once, seed 42, equal steps and global batch):
   bmtpt-src      SVGD posterior, M particles, on sentiment + mood
   spot-topic     prompt tuning on the unrelated task topic (control)
   bmtpt-topic    SVGD posterior on topic (control)
+  bmtpt-src-tempered  as bmtpt-src with a small likelihood scale (--tempered-scale)
 Targets (the held-out task polarity; every row: the same target steps, lr, batch and seeds):
   pt             random init
   spot           init from spot-src                 spot (unrelated)   init from spot-topic
   bmtpt          init: mean of bmtpt-src particles, no prior (beta 0)
+  bmtpt particle 0   init: one particle of bmtpt-src instead of the mean
+  bmtpt tempered     init: mean of bmtpt-src-tempered particles
   bmtpt+kde      the same, plus the particles' kernel density as prior
   bmtpt+gauss    the same, plus a diagonal Gaussian fitted to the particles as prior
   bmtpt (unrelated)  init: mean of bmtpt-topic particles
@@ -58,6 +61,7 @@ def main() -> None:
     ap.add_argument("--target-lr", type=float, default=0.1)
     ap.add_argument("--kde-beta", type=float, default=5.0)
     ap.add_argument("--gauss-beta", type=float, default=0.001)
+    ap.add_argument("--tempered-scale", type=float, default=10.0)
     ap.add_argument("--eval-examples", type=int, default=200)
     ap.add_argument("--out", default="runs/bench-transfer")
     ap.add_argument("--json", help="also write the results here")
@@ -77,6 +81,10 @@ def main() -> None:
         "spot-topic": ["stage=pt", "data.tasks=[topic]", "prompt.init=vocab"],
         "bmtpt-topic": ["stage=bmtpt-source", "data.tasks=[topic]", "prompt.init=vocab",
                         f"prompt.particles={args.particles}"],
+        # A tempered posterior: a likelihood scale far below the 4000 examples strengthens the
+        # repulsive term against the driving one.
+        "bmtpt-src-tempered": ["stage=bmtpt-source", "data.tasks=[sentiment,mood]", "prompt.init=vocab",
+                               f"prompt.particles={args.particles}", f"svgd.likelihood_scale={args.tempered_scale}"],
     }
     for name, extra in sources.items():
         if args.reuse_sources and (out / name / "prompts.safetensors").is_file():
@@ -90,6 +98,10 @@ def main() -> None:
         "SPoT": ["stage=spot", f"prompt.init_file={src('spot-src')}"],
         "SPoT, unrelated source": ["stage=spot", f"prompt.init_file={src('spot-topic')}"],
         "BMTPT init, no prior": ["stage=target", f"prompt.init_file={src('bmtpt-src')}"],
+        "BMTPT particle 0 as init, no prior": ["stage=target", f"prompt.init_file={src('bmtpt-src')}",
+                                               "prompt.init_particle=0"],
+        f"BMTPT tempered (scale {args.tempered_scale:g}) init, no prior":
+            ["stage=target", f"prompt.init_file={src('bmtpt-src-tempered')}"],
         f"BMTPT init + KDE prior (beta {args.kde_beta:g})":
             ["stage=target", f"prompt.init_file={src('bmtpt-src')}", "prior.kind=kde", f"prior.beta={args.kde_beta}"],
         f"BMTPT init + Gaussian prior (diag, beta {args.gauss_beta:g})":

@@ -48,6 +48,9 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
                   progress: bool = True) -> Backbone:
     path = resolve_model_path(name_or_path, progress)
     handle = HfDeepSpeedConfig(ds_config) if is_zero3(ds_config) else None
+    if progress:
+        print(f"[bpt_ds] loading backbone {path} ({dtype}"
+              f"{', partitioned by ZeRO-3 as it loads' if handle else ''})", flush=True)
     try:
         model = T5ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:

@@ -57,4 +57,4 @@ def test_over_long_labels_and_misshapen_prompt_files_fail_before_the_backbone_lo
     assert proc.returncode == 2
     assert (f"bpt_ds: error: prompt.init_file: {wrong}: particles have shape (1, 7, 128), this run needs "
             "[F, 16, 128]; set prompt.length to match the file (and use a backbone with d_model=128)") in proc.stderr
-    assert "Loading weights" not in proc.stderr
+    assert "[bpt_ds] loading backbone" not in proc.stdout

@@ -160,6 +160,7 @@ def test_default_command_runs_end_to_end(cache, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "runs" / "default"
     assert f"Outputs in {out.resolve()}" in proc.stdout
+    assert "[bpt_ds] loading backbone " in proc.stdout  # the line test_cli checks is absent on early errors
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["polarity"]["accuracy"] >= 0.9
     assert prompts(out).shape == (1, 16, 128)

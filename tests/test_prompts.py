@@ -149,7 +149,9 @@ def test_bmtpt_source_warns_about_equal_particles_and_spreads_them(caplog):
     def start(*overrides):
         bank = PromptBank(3, 4, 8)
         bank.load_tensors({"particles": torch.ones(1, 4, 8)}, "f")
-        BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3", *overrides])).after_init(bank)
+        stage = BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3", *overrides]))
+        stage.is_main = True
+        stage.after_init(bank)
         return bank.particles.detach()
 
     with caplog.at_level("WARNING"):

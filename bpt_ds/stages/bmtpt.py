@@ -40,7 +40,7 @@ class BMTPTSource(PromptTuning):
             with torch.no_grad():
                 bank.particles.add_(torch.randn(bank.shape, generator=gen) * s.init_noise)
         p = bank.particles.detach()
-        if bank.num_particles > 1 and s.repulsive and bool((p == p[:1]).all()):
+        if self.is_main and bank.num_particles > 1 and s.repulsive and bool((p == p[:1]).all()):
             log.warning("bmtpt-source: all %d particles start equal (prompt.init_file holds one prompt?); "
                         "SVGD's repulsion is zero between equal particles, so they would stay equal. "
                         "Set svgd.init_noise (e.g. 0.01) to spread them.", bank.num_particles)

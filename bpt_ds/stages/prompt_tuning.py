@@ -40,14 +40,21 @@ DONE_FILE = "done.json"
 
 
 def finished(cfg: RunConfig) -> bool:
-    """Whether output_dir holds the finished outputs of exactly this config (see finish)."""
+    """Whether output_dir holds the finished outputs of this config (see finish); train.resume,
+    which says how a run starts and not what it computes, is left out of the comparison."""
     marker = Path(cfg.output_dir) / DONE_FILE
     if not marker.is_file() or not (Path(cfg.output_dir) / "prompts.safetensors").is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("config") == json.loads(json.dumps(to_dict(cfg)))
-    except (ValueError, AttributeError):
+        return _what_it_computes(json.loads(marker.read_text())["config"]) == _what_it_computes(to_dict(cfg))
+    except (ValueError, KeyError, TypeError):
         return False
+
+
+def _what_it_computes(config: dict) -> dict:
+    config = json.loads(json.dumps(config))
+    config.get("train", {}).pop("resume", None)
+    return config
 
 
 class PromptTuning:
