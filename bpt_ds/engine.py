@@ -368,9 +368,11 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     @torch.no_grad()
-    def evaluate(self, tasks: list[EncodedTask], batch_size: int, pad_id: int) -> dict[str, dict]:
-        """Rank classification on every task; examples are sharded over ranks and each one is
-        counted exactly once. Every rank runs the same number of forward passes (ZeRO-3
+    def evaluate(self, tasks: list[EncodedTask], batch_size: int, pad_id: int,
+                 ensemble: bool = False) -> dict[str, dict]:
+        """Rank classification on every task (ensemble: the particles' posterior predictive instead
+        of the particle-mean prompt); examples are sharded over ranks and each one is counted
+        exactly once. Every rank runs the same number of forward passes (ZeRO-3
         gathers parameters collectively), padding its shard with placeholders it ignores."""
         self.ds.eval()
         r, w = rank(), world_size()
@@ -386,7 +388,7 @@ class Engine:
                 chunk = mine[start:start + batch_size]
                 batch = self._to_device(collate([task], [(0, max(i, 0)) for i in chunk], pad_id))
                 scores = self.model.score_candidates(batch["input_ids"], batch["attention_mask"],
-                                                     batch["task_ids"], candidates)
+                                                     batch["task_ids"], candidates, ensemble=ensemble)
                 best = scores.argmax(-1).tolist()
                 preds += [(i, p) for i, p in zip(chunk, best) if i >= 0]
             gathered: list[Any] = [None] * w

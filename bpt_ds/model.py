@@ -4,6 +4,8 @@ Plain torch and transformers: DeepSpeed wraps this module, it does not know Deep
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,15 +47,25 @@ class PromptedT5(nn.Module):
         return per_example_loss(logits, labels), particle_ids
 
     @torch.no_grad()
-    def score_candidates(self, input_ids, attention_mask, task_ids, candidates) -> torch.Tensor:
-        """Summed log-likelihood of every candidate target under the particle-mean prompt: [B, C].
+    def score_candidates(self, input_ids, attention_mask, task_ids, candidates,
+                         ensemble: bool = False) -> torch.Tensor:
+        """Scores of every candidate target: [B, C]; rank classification picks the highest.
 
-        candidates: [C, Lc] token ids padded with -100. The encoder runs once per example;
-        only the decoder sees each candidate (rank classification, no generation).
+        Default: the summed log-likelihood under the particle-mean prompt. ensemble=True: the
+        posterior predictive over the particles, log (1/M) Σ_m p_m(c | x) with p_m the
+        candidates' probabilities under particle m normalized over the candidates (what a
+        posterior over prompts predicts; the mean prompt of far-apart particles can be poor).
+        candidates: [C, Lc] token ids padded with -100. The encoder runs once per example and
+        prompt; only the decoder sees each candidate (no generation).
         """
-        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=True)
+        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=not ensemble)
         hidden = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return candidate_log_likelihood(self.backbone, hidden, mask, candidates)
+        scores = candidate_log_likelihood(self.backbone, hidden, mask, candidates)
+        if not ensemble:
+            return scores
+        m = scores.shape[0] // input_ids.shape[0]
+        per_particle = torch.log_softmax(scores.view(m, input_ids.shape[0], -1), dim=-1)
+        return torch.logsumexp(per_particle, dim=0) - math.log(m)
 
 
 def candidate_log_likelihood(backbone, hidden, attention_mask, candidates) -> torch.Tensor:

@@ -194,6 +194,11 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     again = run_ds(2, TRAIN, *args, cache=cache)
     assert again.returncode == 0
     assert "resumed from step 3" in again.stdout and "done at step 3." in again.stdout
+    # A checkpoint continues only the computation that wrote it.
+    other = run_ds(2, TRAIN, *args, "train.lr=0.1", cache=cache)
+    assert other.returncode == 2
+    assert (f"bpt_ds: error: the checkpoint in {out / 'checkpoints'} was written with a different config "
+            "(train.lr: 1e-09 -> 0.1); resuming would mix two runs. Use train.resume=never") in other.stderr
     # train.resume=never starts over and sets the earlier checkpoints aside instead of deleting them.
     fresh = run_ds(2, TRAIN, *args, "train.resume=never", "train.patience=0", "train.steps=2", cache=cache)
     assert fresh.returncode == 0 and "train.resume=never: earlier checkpoints moved to" in fresh.stdout

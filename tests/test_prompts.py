@@ -165,3 +165,23 @@ def test_bmtpt_source_warns_about_equal_particles_and_spreads_them(caplog):
         spread = start("svgd.init_noise=0.01")
     assert "start equal" not in caplog.text
     assert 0.005 < (spread - 1).std().item() < 0.02 and not torch.equal(spread[0], spread[1])
+
+
+def test_ensemble_scores_are_the_posterior_predictive(tiny_backbone_path):
+    """log (1/M) Σ_m softmax over candidates of particle m's scores, from one encoder pass."""
+    from transformers import T5ForConditionalGeneration
+
+    backbone = T5ForConditionalGeneration.from_pretrained(tiny_backbone_path).requires_grad_(False)
+    bank = PromptBank(3, 4, backbone.config.d_model)
+    bank.init_random(0.5, torch.Generator().manual_seed(2))
+    model = PromptedT5(backbone, bank)
+    args = (torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+            torch.zeros(2, dtype=torch.long), torch.tensor([[10, 1], [11, 1], [12, -100]]))
+    got = model.score_candidates(*args, ensemble=True)
+    probs = []
+    for m in range(3):
+        single = PromptBank(1, 4, backbone.config.d_model)
+        single.init_rows(bank.particles[m:m + 1].detach())
+        probs.append(torch.softmax(PromptedT5(backbone, single).score_candidates(*args), dim=-1))
+    torch.testing.assert_close(got, torch.stack(probs).mean(0).log(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(2))

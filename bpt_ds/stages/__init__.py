@@ -23,22 +23,29 @@ def run_stage(cfg) -> dict:
 
 
 def run_pipeline(runs: list, say=print) -> None:
-    """Runs (name, config) stages in order. On a rerun, a stage whose output_dir holds the
-    finished outputs of the same config is skipped; once a stage runs, every later stage
-    starts fresh (train.resume=never: earlier checkpoints set aside), since its input may
-    have changed."""
+    """Runs (name, config) stages in order.
+
+    On a rerun, a stage whose output_dir holds the finished outputs of the same config and the
+    same input files (done.json) is skipped. A stage that finished with another config or other
+    inputs starts fresh (train.resume=never: its old checkpoints are set aside), and so does
+    every stage after a stage that ran, since its input may have changed. A stage that never
+    finished, or finished fewer steps than train.steps now asks for, resumes from its checkpoint.
+    """
     import dataclasses
 
     rerun = False
     for i, (name, cfg) in enumerate(runs):
         if len(runs) > 1:
-            if not rerun and cfg.train.resume == "auto" and finished(cfg):
+            done = finished(cfg) if cfg.train.resume == "auto" else None
+            if not rerun and done == "done":
                 say(f"[bpt_ds] pipeline stage {i + 1}/{len(runs)}: {name} ({cfg.stage}) already finished in "
-                    f"{cfg.output_dir} with this config; skipped")
+                    f"{cfg.output_dir} with this config and these inputs; skipped")
                 continue
-            if rerun and cfg.train.resume == "auto":
+            why = ("an earlier stage ran" if rerun else
+                   "its earlier finished run used another config or other inputs" if done == "other" else "")
+            if why and cfg.train.resume == "auto":
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="never"))
             say(f"[bpt_ds] pipeline stage {i + 1}/{len(runs)}: {name} ({cfg.stage}) -> {cfg.output_dir}"
-                f"{' (fresh: an earlier stage ran)' if rerun else ''}")
+                f"{f' (fresh: {why})' if why else ''}")
         run_stage(cfg)
         rerun = True

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 class BMTPTSource(PromptTuning):
     placement_mode = "split"
+    # The posterior's prediction: probabilities averaged over the particles (on the tiny
+    # backbone the particles sit in different modes and their mean prompt predicts poorly).
+    eval_ensemble = True
 
     def after_init(self, bank) -> None:
         s = self.cfg.svgd

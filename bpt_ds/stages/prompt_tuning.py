@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -39,28 +40,65 @@ log = logging.getLogger(__name__)
 DONE_FILE = "done.json"
 
 
-def finished(cfg: RunConfig) -> bool:
-    """Whether output_dir holds the finished outputs of this config (see finish); train.resume,
-    which says how a run starts and not what it computes, is left out of the comparison."""
+# Keys a resumed run may change: they say how long to train and what to log, not what a step computes.
+RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "train.eval_every",
+               "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.patience",
+               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples"}
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def config_fingerprint(cfg: RunConfig) -> dict:
+    """What a run computes: the config as flat keys, without the keys a resume may change."""
+    flat = _flat(json.loads(json.dumps(to_dict(cfg))))
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE}
+
+
+def input_digests(cfg: RunConfig) -> dict[str, str]:
+    """sha256 of the prompt files a run starts from or uses as prior (they come from other runs)."""
+    import hashlib
+
+    files = []
+    if cfg.prompt.init == "file" and cfg.prompt.init_file:
+        files.append(cfg.prompt.init_file)
+    if cfg.prior.beta > 0:
+        files.append(cfg.prior.file or cfg.prompt.init_file)
+    out = {}
+    for name in files:
+        path = Path(name) / "prompts.safetensors" if Path(name).is_dir() else Path(name)
+        out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return out
+
+
+def finished(cfg: RunConfig) -> Optional[str]:
+    """What output_dir holds for this config (see finish): "done" (finished outputs of this
+    config and these input files), "other" (finished outputs of another config or other inputs),
+    "short" (finished outputs of this config with fewer steps than train.steps now asks for), or
+    None (no finished outputs)."""
     marker = Path(cfg.output_dir) / DONE_FILE
     if not marker.is_file() or not (Path(cfg.output_dir) / "prompts.safetensors").is_file():
-        return False
+        return None
     try:
-        return _what_it_computes(json.loads(marker.read_text())["config"]) == _what_it_computes(to_dict(cfg))
+        done = json.loads(marker.read_text())
+        if done["fingerprint"] != config_fingerprint(cfg) or done["inputs"] != input_digests(cfg):
+            return "other"
+        return "done" if done["stopped"] or done["step"] >= cfg.train.steps else "short"
     except (ValueError, KeyError, TypeError):
-        return False
-
-
-def _what_it_computes(config: dict) -> dict:
-    config = json.loads(json.dumps(config))
-    config.get("train", {}).pop("resume", None)
-    return config
+        return "other"
 
 
 class PromptTuning:
     # "every": each particle sees the whole global batch (independent prompts);
     # "split": particle m owns block m of the global batch (SVGD; Placement explains).
     placement_mode = "every"
+    # Evaluate with the particles' posterior predictive (True) or the particle-mean prompt.
+    eval_ensemble = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -83,6 +121,9 @@ class PromptTuning:
         ds_config = eng.resolve_ds_config(cfg, self.world)
         self.placement = eng.Placement.make(self.placement_mode, cfg.prompt.particles, self.world,
                                             cfg.train.global_batch_size)
+        if self.is_main:
+            # Outputs of an earlier, finished run are no longer this directory's final word.
+            (self.out / DONE_FILE).unlink(missing_ok=True)
 
         # Data and the init file first: bad input fails before the backbone is loaded.
         train_names = cfg.data.tasks
@@ -149,6 +190,7 @@ class PromptTuning:
         if cfg.train.resume == "auto":
             state = self.engine.load_latest_checkpoint()
             if state is not None:
+                self._check_same_config(state.get("config"))
                 self.step = int(state["step"])
                 self.best = float(state["best"])
                 self.evals_without_gain = int(state["evals_without_gain"])
@@ -172,6 +214,21 @@ class PromptTuning:
                 f"trainable parameters: {self.bank_size:,} (prompt bank only)")
             self._info(self._placement_line(bank))
         self.prepare()
+
+    def _check_same_config(self, saved: Optional[dict]) -> None:
+        """A checkpoint continues only the computation that wrote it (checkpoints from before
+        this check carry no config and are trusted)."""
+        if saved is None:
+            return
+        now = config_fingerprint(self.cfg)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+            raise ConfigError(
+                f"the checkpoint in {self.engine.checkpoint_dir()} was written with a different config "
+                f"({shown}{', ...' if len(changed) > 6 else ''}); resuming would mix two runs. Use "
+                "train.resume=never to start over (the old checkpoints are kept aside), or a new output_dir. "
+                f"A resume may change only {', '.join(sorted(RESUME_FREE))}")
 
     def _placement_line(self, bank) -> str:
         """Where the particles live: which ranks run which, and whether ZeRO-3 partitions them."""
@@ -266,7 +323,8 @@ class PromptTuning:
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps or self.stopped:
                 # `stopped` is saved too: running the command again does not train past an early stop.
                 self.engine.save_checkpoint(self.step, {"step": self.step, "best": self.best, "stopped": self.stopped,
-                                                        "evals_without_gain": self.evals_without_gain})
+                                                        "evals_without_gain": self.evals_without_gain,
+                                                        "config": config_fingerprint(cfg)})
             if self.stopped:
                 self._info(f"early stop at step {self.step}: no gain in {t.patience} evaluations")
         bar.close()
@@ -298,13 +356,16 @@ class PromptTuning:
 
     def _evaluate(self) -> bool:
         """Evaluates every eval task; returns True when early stopping says stop."""
-        metrics = self.engine.evaluate(self.eval_tasks, self.cfg.train.eval_batch_size, self.pad_id)
+        metrics = self.engine.evaluate(self.eval_tasks, self.cfg.train.eval_batch_size, self.pad_id,
+                                       ensemble=self.eval_ensemble and self.cfg.prompt.particles > 1)
         self.last_metrics, self.last_eval_step = metrics, self.step
         if self.is_main:
             for task, values in metrics.items():
                 self.writer.add_scalar(f"eval/{task}/accuracy", values["accuracy"], self.step)
             summary = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in metrics.items())
-            tqdm.write(f"[bpt_ds] step {self.step} eval accuracy: {summary}")
+            ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
+            how = " (posterior predictive over the particles)" if ensemble else ""
+            tqdm.write(f"[bpt_ds] step {self.step} eval accuracy{how}: {summary}")
         score = sum(v["accuracy"] for v in metrics.values()) / len(metrics)
         if score > self.best:
             self.best, self.evals_without_gain = score, 0
@@ -325,8 +386,10 @@ class PromptTuning:
             eng.atomic_write(self.out / "metrics.json",
                              lambda f: f.write_text(json.dumps(self.last_metrics, indent=2) + "\n"))
             self.writer.flush()
-            # Last: a pipeline skips this stage on a rerun only when this marker matches its config.
-            done = {"step": self.step, "config": to_dict(self.cfg)}
+            # Last: a pipeline skips this stage on a rerun only when this marker matches its config
+            # and its input files.
+            done = {"step": self.step, "stopped": self.stopped, "fingerprint": config_fingerprint(self.cfg),
+                    "inputs": input_digests(self.cfg), "config": to_dict(self.cfg)}
             eng.atomic_write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))
             self._info(f"done at step {self.step}. Outputs in {self.out.resolve()}:")
             self._info(f"  prompts      {self.out / 'prompts.safetensors'}")
