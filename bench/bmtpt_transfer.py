@@ -97,14 +97,14 @@ def main() -> None:
         "PT (random init)": ["stage=pt", "prompt.init=random"],
         "SPoT": ["stage=spot", f"prompt.init_file={src('spot-src')}"],
         "SPoT, unrelated source": ["stage=spot", f"prompt.init_file={src('spot-topic')}"],
-        "BMTPT init, no prior": ["stage=target", f"prompt.init_file={src('bmtpt-src')}"],
+        "BMTPT init (particle mean), no prior": ["stage=target", f"prompt.init_file={src('bmtpt-src')}"],
         "BMTPT particle 0 as init, no prior": ["stage=target", f"prompt.init_file={src('bmtpt-src')}",
                                                "prompt.init_particle=0"],
         f"BMTPT tempered (scale {args.tempered_scale:g}) init, no prior":
             ["stage=target", f"prompt.init_file={src('bmtpt-src-tempered')}"],
         f"BMTPT init + KDE prior (beta {args.kde_beta:g})":
             ["stage=target", f"prompt.init_file={src('bmtpt-src')}", "prior.kind=kde", f"prior.beta={args.kde_beta}"],
-        f"BMTPT init + Gaussian prior (diag, beta {args.gauss_beta:g})":
+        f"BMTPT init + Gaussian prior (diagonal, beta {args.gauss_beta:g})":
             ["stage=target", f"prompt.init_file={src('bmtpt-src')}", "prior.kind=gaussian-diagonal",
              f"prior.beta={args.gauss_beta}"],
         "BMTPT init, unrelated source": ["stage=target", f"prompt.init_file={src('bmtpt-topic')}"],
@@ -139,13 +139,14 @@ def main() -> None:
                      f"{cell(rows, 'acc@20', '.3f')} | "
                      f"{cell(rows, 'acc@30', '.3f')} | {cell(rows, 'final', '.3f')} | "
                      f"{cell(rows, 'steps_to_80', '.0f')} |")
-    command = "python bench/bmtpt_transfer.py " + " ".join(sys.argv[1:])
+    command = "python bench/bmtpt_transfer.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse-sources")
     print()
     print(f"Target: polarity, {args.target_steps} steps, lr {args.target_lr}, batch 32, seeds {args.seeds}; "
           f"sources: {args.source_steps} steps, seed 42, {args.particles} particles for BMTPT. "
           f"Evaluated on {args.eval_examples} validation examples every 10 steps. {time.time() - start:.0f} s.")
     print("\n".join(lines))
-    print(f"\nreproduce: {command.strip()}")
+    print(f"\nreproduce: {command.strip()}" + ("  (this pass reused the sources already in --out)"
+                                               if args.reuse_sources else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 

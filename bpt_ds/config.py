@@ -125,9 +125,11 @@ class SVGDConfig:
     # The repulsive term (2/h) Σ_j k_ij (θ_i - θ_j) that spreads the particles; false leaves
     # kernel-weighted gradient descent (particles started equal then stay equal).
     repulsive: bool = True
-    # log p(D_k | θ) ≈ -scale · L(θ; B): null uses the number of training examples over all
-    # source tasks (the posterior of the data); a number replaces it (a temperature: smaller
-    # lets the repulsive term spread the particles more). Logged with the step's force norms.
+    # log p(D_k | θ) ≈ -scale · L(θ; B), L the mean over examples of each target's mean
+    # per-token cross-entropy: null uses the number of training examples over all source tasks
+    # (the data's posterior, up to the mean target length, since L averages over tokens); a
+    # number replaces it (a temperature: smaller lets the repulsive term spread the particles
+    # more). Logged with the step's force norms.
     likelihood_scale: Optional[float] = None
     # σ₀ of the prior N(0, σ₀² I) on the base prompt; null: no prior term.
     prior_std: Optional[float] = None
@@ -139,17 +141,22 @@ class SVGDConfig:
 @dataclass
 class PriorConfig:
     """Stage target: -β · log p̂(S) added to the target loss, p̂ fitted to a BMTPT source's
-    particles (algorithms.md §5). The scale of log p̂ differs by kind: the KDE with the median
-    bandwidth is broad (its kernel variance per coordinate is h/2), a diagonal Gaussian is
-    sharp; compare prior/grad_norm with prior/loss_grad_norm in TensorBoard when choosing β."""
+    particles (algorithms.md §5). The prior acts on the full-rank prompt S, the quantity the
+    source posterior is over, not on S ∘ (U V): the factors stay a free task-specific
+    modulation. The scale of log p̂ differs by kind: the KDE with the median bandwidth is broad
+    (its kernel variance per coordinate is h/2), a diagonal Gaussian is sharp; compare
+    prior/grad_norm with prior/loss_grad_norm in TensorBoard when choosing β."""
 
     kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
     # 0 switches the prior off (the source then only initializes the prompt).
     beta: float = 0.0
     # The source's prompts.safetensors (or run directory); default: prompt.init_file.
     file: Optional[str] = None
-    # KDE bandwidth; null: the median heuristic over the source particles.
+    # KDE bandwidth; null: the median heuristic over the source particles (needs >= 2).
     bandwidth: Optional[float] = None
+    # Gaussian kinds: floor of the fitted variances (a coordinate on which the particles agree
+    # would otherwise pin the prompt with a huge gradient).
+    min_var: float = 1e-6
 
 
 @dataclass
@@ -309,6 +316,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
 FROM_FILE_STAGES = ("spot", "target")
 
 PIPELINE_KEYS = ("output_dir", "defaults", "stages")
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> list[tuple[str, RunConfig]]:
@@ -348,6 +356,9 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
                               f"got {name!r}")
         if name in names[:i]:
             raise ConfigError(f"pipeline '{path}': two stages are named '{name}'")
+        if name in RUN_KEYS:
+            raise ConfigError(f"pipeline '{path}': stage name '{name}' is also a config key, so '{name}.x=...' "
+                              "overrides would be ambiguous; choose another name")
     root = raw.get("output_dir", "runs/pipeline")
     shared: list[str] = []
     per_stage: dict[str, list[str]] = {n: [] for n in names}
@@ -372,6 +383,10 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
             cfg = build_config(merged)
         except ConfigError as e:
             raise ConfigError(f"pipeline '{path}', stage '{name}': {e}") from None
+        if cfg.output_dir in dirs.values():
+            other = next(n for n, d in dirs.items() if d == cfg.output_dir)
+            raise ConfigError(f"pipeline '{path}': stages '{other}' and '{name}' both write to {cfg.output_dir}; "
+                              "give each stage its own output_dir (or leave it unset: <output_dir>/<name>)")
         dirs[name] = cfg.output_dir
         runs.append((name, cfg))
     return runs
@@ -468,9 +483,18 @@ def validate(cfg: RunConfig) -> None:
                      f"config key '{key}' must be a finite number > 0 (or null); got {value}")
     _require(math.isfinite(sv.init_noise) and sv.init_noise >= 0,
              f"config key 'svgd.init_noise' must be a finite number >= 0; got {sv.init_noise}")
+    _require(math.isfinite(pr.min_var) and pr.min_var > 0,
+             f"config key 'prior.min_var' must be a finite number > 0; got {pr.min_var}")
     _require(math.isfinite(pr.beta) and pr.beta >= 0,
              f"config key 'prior.beta' must be a finite number >= 0; got {pr.beta}")
     if cfg.stage == "bmtpt-source":
+        _require(t.global_batch_size % p.particles == 0,
+                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of prompt.particles "
+                 f"({p.particles}): each particle gets global_batch_size / particles examples a step; e.g. "
+                 f"train.global_batch_size={p.particles * max(1, t.global_batch_size // p.particles)}")
+        _require(t.weight_decay == 0,
+                 f"stage 'bmtpt-source': train.weight_decay={t.weight_decay} would pull the particles toward 0 "
+                 "outside SVGD; set it to 0 and use svgd.prior_std for a Gaussian prior that SVGD accounts for")
         _require(p.factors.rank == 0,
                  "stage 'bmtpt-source' samples the base prompt S only: set prompt.factors.rank=0 "
                  "(low-rank factors belong to the target stage)")

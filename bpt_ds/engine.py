@@ -454,18 +454,19 @@ class Engine:
 
     def set_aside_checkpoints(self) -> Optional[Path]:
         """train.resume=never: earlier checkpoints (and the earlier TensorBoard log, which the new
-        run's curves would mix with) move to dated siblings instead of being deleted."""
-        root = self.checkpoint_dir()
-        moved = None
-        if rank() == 0 and root.is_dir() and any(root.iterdir()):
-            import datetime
+        run's curves would mix with) move to dated siblings instead of being deleted. Returns
+        where the checkpoints went, if there were any."""
+        import datetime
 
-            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            moved = root.with_name(f"checkpoints-set-aside-{stamp}")
-            os.replace(root, moved)
-            tb = root.with_name("tb")
-            if tb.is_dir():
-                os.replace(tb, root.with_name(f"tb-set-aside-{stamp}"))
+        root = self.checkpoint_dir()
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        moved = None
+        if rank() == 0:
+            for old in (root, root.with_name("tb")):
+                if old.is_dir() and any(old.iterdir()):
+                    target = old.with_name(f"{old.name}-set-aside-{stamp}")
+                    os.replace(old, target)
+                    moved = target if old == root else moved
         barrier()
         return moved
 

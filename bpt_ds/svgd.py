@@ -255,15 +255,21 @@ class GaussianPrior(_Prior):
         return out if batched else out[0]
 
 
-def make_prior(kind: str, particles: Tensor, bandwidth: Optional[float] = None) -> nn.Module:
+def make_prior(kind: str, particles: Tensor, bandwidth: Optional[float] = None, min_var: float = 1e-6) -> nn.Module:
     """Build a prior of ``kind`` in {"kde", "gaussian-isotropic", "gaussian-diagonal"} from ``particles``.
 
-    ``bandwidth`` applies to "kde" only (None: the median heuristic).
+    ``bandwidth`` applies to "kde" only (None: the median heuristic, which needs at least two
+    particles); ``min_var`` to the Gaussian kinds, whose variances need at least two particles.
     """
+    m = particles.shape[0] if particles.dim() >= 2 else 0
     if kind == "kde":
+        if m < 2 and bandwidth is None:
+            raise ValueError("a KDE prior over one particle has no spread to set its bandwidth from; "
+                             "give prior.bandwidth, or use a source with several particles")
         return KDEPrior(particles, bandwidth=bandwidth)
-    if kind == "gaussian-isotropic":
-        return GaussianPrior(particles, kind="isotropic")
-    if kind == "gaussian-diagonal":
-        return GaussianPrior(particles, kind="diagonal")
+    if kind in ("gaussian-isotropic", "gaussian-diagonal"):
+        if m < 2:
+            raise ValueError(f"a {kind} prior needs at least 2 source particles to fit a variance; the file "
+                             f"has {m}: use prior.kind=kde with prior.bandwidth, or a source with more particles")
+        return GaussianPrior(particles, kind=kind.split("-")[1], min_var=min_var)
     raise ValueError(f"unknown prior kind {kind!r}; expected one of {', '.join(repr(k) for k in PRIOR_KINDS)}")

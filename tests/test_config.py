@@ -51,6 +51,7 @@ def test_yaml_then_overrides(tmp_path):
     ("prior.kind=gauss", "config key 'prior.kind' expects one of 'kde', 'gaussian-isotropic', 'gaussian-diagonal'; "
                          "got 'gauss'"),
     ("prior.beta=0.5", "prior.beta=0.5 applies to stage 'target' only; this run is stage 'pt' (set prior.beta=0)"),
+    ("prior.min_var=0", "config key 'prior.min_var' must be a finite number > 0; got 0.0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -101,6 +102,12 @@ def test_shipped_configs_are_valid(path):
     assert all(cfg.stage in ("pt", "spot", "bmtpt-source", "target") for _, cfg in runs)
 
 
+def test_bmtpt_source_rejects_weight_decay():
+    with pytest.raises(ConfigError, match=r"stage 'bmtpt-source': train.weight_decay=0.01 would pull the particles "
+                                          r"toward 0 outside SVGD; set it to 0 and use svgd.prior_std"):
+        load_config(None, ["stage=bmtpt-source", "train.weight_decay=0.01"])
+
+
 def test_bmtpt_source_rejects_factors():
     with pytest.raises(ConfigError, match="stage 'bmtpt-source' samples the base prompt S only: set "
                                           r"prompt.factors.rank=0 \(low-rank factors belong to the target stage\)"):
@@ -148,6 +155,12 @@ def test_pipeline_chains_stages_by_output_path(tmp_path):
                                    "defaults, stages"),
     (lambda t: t.replace("  - name: target", "  - name: a b"),
      "pipeline '{f}': stages[1] needs a 'name' of letters, digits, - or _; got 'a b'"),
+    (lambda t: t.replace("name: target", "name: train"),
+     "pipeline '{f}': stage name 'train' is also a config key, so 'train.x=...' overrides would be ambiguous"),
+    (lambda t: t.replace("stage: target", "stage: target\n    output_dir: runs/p/source"),
+     "pipeline '{f}': stages 'source' and 'target' both write to runs/p/source; give each stage its own"),
+    (lambda t: t.replace("prompt: {particles: 4}", "prompt: {particles: 3}"),
+     "pipeline '{f}', stage 'source': train.global_batch_size (32) must be a multiple of prompt.particles (3)"),
 ])
 def test_pipeline_errors_name_the_stage(tmp_path, edit, message):
     """Every stage is checked before the first one runs."""

@@ -149,7 +149,8 @@ def test_bmtpt_source_warns_about_equal_particles_and_spreads_them(caplog):
     def start(*overrides):
         bank = PromptBank(3, 4, 8)
         bank.load_tensors({"particles": torch.ones(1, 4, 8)}, "f")
-        stage = BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3", *overrides]))
+        stage = BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3",
+                                               "train.global_batch_size=30", *overrides]))
         stage.is_main = True
         stage.after_init(bank)
         return bank.particles.detach()

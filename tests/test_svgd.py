@@ -281,16 +281,23 @@ def test_priors_take_prompt_shaped_inputs(kind):
     assert prior.to(torch.float64).log_prob(x).dtype == torch.float32
 
 
-def test_single_particle_priors_are_finite():
+def test_single_particle_priors_are_finite_and_refused_where_they_would_be_arbitrary():
     theta = torch.randn(1, 7)
     for kind in ("gaussian-isotropic", "gaussian-diagonal"):
-        prior = make_prior(kind, theta)
+        with pytest.raises(ValueError, match=f"a {kind} prior needs at least 2 source particles to fit a variance; "
+                                             "the file has 1: use prior.kind=kde with prior.bandwidth"):
+            make_prior(kind, theta)
+        prior = GaussianPrior(theta, kind=kind.split("-")[1])  # the class itself clamps at min_var
         torch.testing.assert_close(prior.var, torch.full((7,), 1e-6))
         at_mode = prior.log_prob(theta[0])
         assert torch.isfinite(at_mode)
         assert at_mode.item() == pytest.approx(-0.5 * 7 * math.log(2 * math.pi * 1e-6), rel=1e-5)
         assert torch.isfinite(prior.log_prob(theta[0] + 1e-3))
-    kde = make_prior("kde", theta)
+    with pytest.raises(ValueError, match="a KDE prior over one particle has no spread to set its bandwidth from; "
+                                         "give prior.bandwidth"):
+        make_prior("kde", theta)
+    assert make_prior("kde", theta, bandwidth=2.0).bandwidth == 2.0
+    kde = KDEPrior(theta)
     assert kde.bandwidth == 1.0
     assert kde.log_prob(theta[0]).item() == pytest.approx(0.0, abs=1e-5)
     identical = GaussianPrior(torch.ones(4, 3), kind="diagonal", min_var=1e-4)

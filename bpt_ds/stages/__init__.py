@@ -32,7 +32,15 @@ def run_pipeline(runs: list, say=print) -> None:
     finished, or finished fewer steps than train.steps now asks for, resumes from its checkpoint.
     """
     import dataclasses
+    import os
 
+    from ..engine import Placement
+
+    # Particles against ranks, for every stage before the first one runs (the launcher sets
+    # WORLD_SIZE; a plain python run is one rank).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for _, cfg in runs:
+        Placement.make(STAGES[cfg.stage].placement_mode, cfg.prompt.particles, world, cfg.train.global_batch_size)
     rerun = False
     for i, (name, cfg) in enumerate(runs):
         if len(runs) > 1:

@@ -118,7 +118,10 @@ class Target(PromptTuning):
                     f"{key}: the prior needs source particles [M, {bank.length}, {bank.dim}] (prompt.length "
                     f"x the backbone's d_model); the file has "
                     f"{'none' if source is None else list(source.shape)}")
-            self.prior = svgd.make_prior(pr.kind, source.float(), pr.bandwidth)
+            try:
+                self.prior = svgd.make_prior(pr.kind, source.float(), pr.bandwidth, pr.min_var)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
             self.source_shape = tuple(source.shape)
 
     def prepare(self) -> None:

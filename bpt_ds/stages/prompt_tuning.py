@@ -401,5 +401,18 @@ class PromptTuning:
         return self.last_metrics
 
     def cleanup(self) -> None:
+        """Closes the log and lets go of the engine and backbone, so that the next stage of a
+        pipeline does not load its backbone beside this one."""
         if self.writer is not None:
             self.writer.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.ds.destroy()
+        self.engine = self.backbone = None
+        import gc
+
+        gc.collect()
+        if eng.on_gpu():
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().empty_cache()
