@@ -45,9 +45,9 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
     bf16 with the same micro-batches on 1 and 2 ranks agrees to 1e-5."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_ds(1, TRAIN, f"output_dir={one}", *SOURCE, "prompt.particles=4", "train.micro_batch_size=8",
-                  cache=cache).returncode == 0
+                  "train.log_every=1", cache=cache).returncode == 0
     proc = run_ds(2, TRAIN, f"output_dir={two}", *SOURCE, "prompt.particles=4", "train.micro_batch_size=2",
-                  cache=cache)
+                  "train.log_every=1", cache=cache)
     assert proc.returncode == 0
     assert ("particles [4x8x128]: 4 examples per particle per step; rank 0 runs particle(s) [0, 1]; "
             "partitioned by ZeRO-3 (2,048 of 4,096 values on rank 0)") in proc.stdout
@@ -58,8 +58,9 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
     # The particles moved, and the source tasks' loss fell.
     assert (p1 - start).norm() > 1.0
     logged = scalars(two)
-    # The scale of -phi too (Adam alone would hide a wrong one): the gradient norm at step 4.
-    assert logged["train/grad_norm"][0] == pytest.approx(scalars(one)["train/grad_norm"][0], rel=1e-3)
+    # The scale of -phi too (Adam alone would hide a wrong one): the gradient norm at step 1,
+    # before Adam has magnified any rounding.
+    assert logged["train/grad_norm"][0] == pytest.approx(scalars(one)["train/grad_norm"][0], rel=1e-4)
     assert logged["train/loss"][-1] < logged["train/loss"][0]
     assert {"svgd/bandwidth", "svgd/mean_pairwise_distance", "svgd/driving_norm", "svgd/repulsive_norm",
             "train/loss_particle_3", "train/loss_task/sentiment", "train/loss_task/mood"} <= set(logged)
