@@ -80,6 +80,20 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
     torch.testing.assert_close(b2, b1, rtol=0, atol=1e-5)
 
 
+def test_two_particles_on_four_ranks_share_and_split_their_blocks(cache, tmp_path):
+    """R a multiple of M: 2 particles on 4 ranks, two ranks per particle, each with half the
+    particle's block of 8 examples. The same micro-batches as on one rank: the same particles."""
+    args = [*SOURCE, "prompt.particles=2", "train.micro_batch_size=4", "train.log_every=1"]
+    assert run_ds(1, TRAIN, f"output_dir={tmp_path / 'one'}", *args, cache=cache).returncode == 0
+    four = run_ds(4, TRAIN, f"output_dir={tmp_path / 'four'}", *args, cache=cache)
+    assert four.returncode == 0
+    assert ("particles [2x8x128]: 8 examples per particle per step; rank 0 runs particle(s) [0]; "
+            "partitioned by ZeRO-3 (512 of 2,048 values on rank 0)") in four.stdout
+    torch.testing.assert_close(particles(tmp_path / "four"), particles(tmp_path / "one"), rtol=0, atol=1e-6)
+    assert scalars(tmp_path / "four")["train/grad_norm"][0] == pytest.approx(
+        scalars(tmp_path / "one")["train/grad_norm"][0], rel=1e-5)
+
+
 def test_without_repulsion_equal_particles_stay_equal_and_do_data_parallel_descent(cache, tmp_path):
     """(d) Two particles started equal, one per rank, repulsive term off, likelihood scale 1:
     K is all ones, so each particle moves along the mean of both ranks' gradients, which is
