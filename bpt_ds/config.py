@@ -428,6 +428,14 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def require_batch_per_particle(global_batch: int, particles: int) -> None:
+    """SVGD gives each particle its own block of global_batch / particles examples a step."""
+    _require(global_batch % particles == 0,
+             f"train.global_batch_size ({global_batch}) must be a multiple of prompt.particles ({particles}): "
+             f"each particle gets global_batch_size / particles examples a step; e.g. "
+             f"train.global_batch_size={particles * max(1, global_batch // particles)}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks relations between values that types alone cannot express."""
     t, p, d = cfg.train, cfg.prompt, cfg.data
@@ -488,10 +496,7 @@ def validate(cfg: RunConfig) -> None:
     _require(math.isfinite(pr.beta) and pr.beta >= 0,
              f"config key 'prior.beta' must be a finite number >= 0; got {pr.beta}")
     if cfg.stage == "bmtpt-source":
-        _require(t.global_batch_size % p.particles == 0,
-                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of prompt.particles "
-                 f"({p.particles}): each particle gets global_batch_size / particles examples a step; e.g. "
-                 f"train.global_batch_size={p.particles * max(1, t.global_batch_size // p.particles)}")
+        require_batch_per_particle(t.global_batch_size, p.particles)
         _require(t.weight_decay == 0,
                  f"stage 'bmtpt-source': train.weight_decay={t.weight_decay} would pull the particles toward 0 "
                  "outside SVGD; set it to 0 and use svgd.prior_std for a Gaussian prior that SVGD accounts for")

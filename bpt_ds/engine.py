@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, require_batch_per_particle
 from .data.batching import EncodedTask, collate, pad_candidates
 from .model import PromptedT5
 
@@ -262,11 +262,7 @@ class Placement:
                     f"places whole particles on ranks, so one must be a multiple of the other; e.g. "
                     f"prompt.particles={' or '.join(map(str, fits))}, or launch a number of ranks that "
                     f"divides or is a multiple of {particles}")
-            if global_batch % particles:
-                raise ConfigError(
-                    f"train.global_batch_size ({global_batch}) must be a multiple of prompt.particles "
-                    f"({particles}): each particle gets global_batch_size / particles examples a step; "
-                    f"e.g. train.global_batch_size={particles * max(1, global_batch // particles)}")
+            require_batch_per_particle(global_batch, particles)
         return cls(mode, particles, world, global_batch)
 
     def examples_per_particle(self) -> int:

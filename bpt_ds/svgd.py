@@ -86,10 +86,10 @@ def _check_bandwidth(bandwidth: float) -> float:
     return h
 
 
-def _kernel64(particles: Tensor, bandwidth: Optional[float]) -> Tuple[Tensor, float]:
+def _kernel64(particles: Tensor, bandwidth: Optional[float]) -> Tuple[Tensor, float, Tensor]:
     sq = pairwise_sq_dists(particles)
     h = median_bandwidth(sq) if bandwidth is None else _check_bandwidth(bandwidth)
-    return torch.exp(-sq / h), h
+    return torch.exp(-sq / h), h, sq
 
 
 def rbf_kernel(particles: Tensor, bandwidth: Optional[float] = None) -> Tuple[Tensor, float]:
@@ -99,7 +99,7 @@ def rbf_kernel(particles: Tensor, bandwidth: Optional[float] = None) -> Tuple[Te
     bandwidth must be positive and finite. Returns (K as float32 [M, M] on the particles'
     device, h as a Python float).
     """
-    k, h = _kernel64(particles, bandwidth)
+    k, h, _ = _kernel64(particles, bandwidth)
     return k.to(torch.float32), h
 
 
@@ -112,6 +112,7 @@ class SVGDTerms:
     repulsive: Tensor  # [M, D] (1/M)(2/h) Σ_j K_ij (θ_i - θ_j); zeros when repulsion is off
     kernel: Tensor     # [M, M]
     bandwidth: float
+    mean_distance: float  # mean ||θ_i - θ_j|| over pairs i < j (0.0 for M = 1), from the same distances
 
 
 def svgd_terms(particles: Tensor, log_prob_grads: Tensor, bandwidth: Optional[float] = None,
@@ -127,7 +128,7 @@ def svgd_terms(particles: Tensor, log_prob_grads: Tensor, bandwidth: Optional[fl
         raise ValueError("svgd needs particles and log_prob_grads both 2-D [M, D] of the same shape; got "
                          f"particles {tuple(particles.shape)} and log_prob_grads {tuple(log_prob_grads.shape)}")
     m = particles.shape[0]
-    k, h = _kernel64(particles, bandwidth)
+    k, h, sq = _kernel64(particles, bandwidth)
     theta = particles.detach().to(torch.float64)
     grads = log_prob_grads.detach().to(torch.float64)
     driving = (k @ grads) / m
@@ -138,7 +139,7 @@ def svgd_terms(particles: Tensor, log_prob_grads: Tensor, bandwidth: Optional[fl
     phi = driving + rep
     f32 = torch.float32
     return SVGDTerms(phi=phi.to(f32), driving=driving.to(f32), repulsive=rep.to(f32), kernel=k.to(f32),
-                     bandwidth=h)
+                     bandwidth=h, mean_distance=_mean_pair_distance(sq))
 
 
 def svgd_direction(particles: Tensor, log_prob_grads: Tensor, bandwidth: Optional[float] = None,
@@ -150,10 +151,13 @@ def svgd_direction(particles: Tensor, log_prob_grads: Tensor, bandwidth: Optiona
 def mean_pairwise_distance(particles: Tensor) -> float:
     """Mean Euclidean distance ||θ_i - θ_j|| over pairs i < j of ``particles`` [M, D]; 0.0 for M = 1."""
     _check_2d("particles", particles)
-    m = particles.shape[0]
+    return _mean_pair_distance(pairwise_sq_dists(particles))
+
+
+def _mean_pair_distance(sq: Tensor) -> float:
+    m = sq.shape[0]
     if m <= 1:
         return 0.0
-    sq = pairwise_sq_dists(particles)
     iu = torch.triu_indices(m, m, offset=1, device=sq.device)
     return sq[iu[0], iu[1]].sqrt().mean().item()
 

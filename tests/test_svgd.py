@@ -57,6 +57,7 @@ def test_direction_matches_double_loop(seed, bandwidth, repulsive):
     np.testing.assert_allclose(terms.driving.numpy(), _loop_phi(theta.numpy(), grads.numpy(), h, repulsive=False),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose((terms.driving + terms.repulsive).numpy(), terms.phi.numpy(), rtol=1e-6, atol=1e-6)
+    assert terms.mean_distance == pytest.approx(mean_pairwise_distance(theta), rel=1e-12)
     if not repulsive:
         assert torch.count_nonzero(terms.repulsive) == 0
         assert torch.equal(terms.phi, terms.driving)

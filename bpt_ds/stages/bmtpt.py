@@ -18,9 +18,9 @@ gradient after the reduction, once per step.
 """
 from __future__ import annotations
 
-import torch
-
 import logging
+
+import torch
 
 from .. import svgd
 from ..config import ConfigError
@@ -78,7 +78,7 @@ class BMTPTSource(PromptTuning):
             m = flat.shape[0]
             self.last = {
                 "svgd/bandwidth": terms.bandwidth,
-                "svgd/mean_pairwise_distance": svgd.mean_pairwise_distance(flat),
+                "svgd/mean_pairwise_distance": terms.mean_distance,
                 # Per-particle RMS of the two parts of φ: their ratio is what the scale sets.
                 "svgd/driving_norm": terms.driving.norm().item() / m ** 0.5,
                 "svgd/repulsive_norm": terms.repulsive.norm().item() / m ** 0.5,
@@ -111,7 +111,8 @@ class Target(PromptTuning):
         self.last: dict[str, float] = {}
         if pr.beta > 0:
             key = "prior.file" if pr.file else "prompt.init_file"
-            tensors = load_prompts_file(pr.file or self.cfg.prompt.init_file, key=key)
+            # Without prior.file the prior comes from the init file, which setup has read already.
+            tensors = load_prompts_file(pr.file, key=key) if pr.file else self.init_tensors
             source = tensors.get("particles")
             if source is None or source.dim() != 3 or tuple(source.shape[1:]) != bank.shape[1:]:
                 raise ConfigError(

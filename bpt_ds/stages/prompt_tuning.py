@@ -142,7 +142,8 @@ class PromptTuning:
             for name in eval_names:
                 raw[name].validation = raw[name].validation[:cfg.data.max_eval_examples]
         self.raw = raw
-        init_tensors = load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None
+        self.init_tensors = init_tensors = (load_prompts_file(cfg.prompt.init_file)
+                                            if cfg.prompt.init == "file" else None)
 
         # The tokenizer and config are small: tokenize and check the prompt file now, so that
         # over-long labels or a prompt of the wrong shape fail before the backbone loads.
