@@ -23,6 +23,9 @@ setup(
         "tqdm>=4.60",
         "filelock>=3.0",
         "numpy>=1.24",
+        # Metrics (F1, Matthews, Pearson/Spearman) of the task suite.
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

@@ -49,7 +49,7 @@ def eval_curve(run_dir: Path, task: str) -> dict[int, float]:
 
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(f"eval/{task}/accuracy")}
+    return {e.step: e.value for e in acc.Scalars(f"dev/{task}/accuracy")}
 
 
 def main() -> None:

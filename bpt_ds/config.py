@@ -59,7 +59,10 @@ class LocalTaskConfig:
     """A task read from local files (JSON/JSONL, CSV or Parquet) through `datasets`."""
 
     train: Optional[str] = None
+    # The dev set (evaluated every train.eval_every steps; picks the reported step).
     validation: Optional[str] = None
+    # The test set, evaluated whenever the dev score improves.
+    test: Optional[str] = None
     input_column: str = "input"
     target_column: str = "target"
     # Verbalized labels for rank classification; default: the sorted distinct train targets.
@@ -68,11 +71,31 @@ class LocalTaskConfig:
 
 @dataclass
 class DataConfig:
-    # Training tasks: synthetic task names or names defined under data.local.
+    # Training tasks: suite tasks (mnli, rte, squad, ...: `python -m bpt_ds.data.registry`),
+    # synthetic tasks (polarity, sentiment, mood, topic) or names defined under data.local.
     tasks: list[str] = field(default_factory=lambda: ["polarity"])
     # Evaluation tasks; default: the training tasks.
     eval_tasks: Optional[list[str]] = None
+    # Your own tasks in {input, target} columns.
     local: dict[str, LocalTaskConfig] = field(default_factory=dict)
+    # Suite tasks from local files in the hub dataset's own columns, by hub split name:
+    # data.files.rte.train=rte_train.jsonl, data.files.rte.validation=... (MNLI:
+    # validation_matched / validation_mismatched). A task without files loads from the hub.
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
+    # A directory of local copies of hub datasets (<datasets_dir>/nyu-mll/glue, ...), read with
+    # datasets.load_dataset(<datasets_dir>/<hub name>, <config>) instead of the hub.
+    datasets_dir: Optional[str] = None
+    # Seed of the dev/test split of suite tasks; fixed across training seeds so that every seed
+    # is scored on the same test set.
+    split_seed: int = 42
+    # Few-shot: k training examples per class (k in total for regression and QA tasks), drawn
+    # with the run's seed; 0 trains on the whole train split.
+    few_shot: int = 0
+    # How classification tasks are evaluated: rank (score every label, exact) or generate
+    # (decode text; a text that is no label counts as wrong and as invalid). QA always generates.
+    eval_mode: Literal["rank", "generate"] = "rank"
+    # Longest generated answer (QA, and classification with eval_mode=generate).
+    max_new_tokens: int = 32
     synthetic_train_examples: int = 2000
     synthetic_eval_examples: int = 200
     max_source_length: int = 64
@@ -162,6 +185,8 @@ class PriorConfig:
 @dataclass
 class RunConfig:
     stage: Literal["pt", "spot", "bmtpt-source", "target"] = "pt"
+    # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
+    method: Optional[str] = None
     seed: int = 42
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -445,12 +470,14 @@ def validate(cfg: RunConfig) -> None:
         ("prompt.particles", p.particles), ("train.eval_batch_size", t.eval_batch_size),
         ("train.log_every", t.log_every), ("data.max_source_length", d.max_source_length),
         ("data.max_target_length", d.max_target_length), ("train.keep_checkpoints", t.keep_checkpoints),
+        ("data.max_new_tokens", d.max_new_tokens),
     ]:
         _require(value >= 1, f"config key '{key}' must be >= 1; got {value}")
     for key, value in [
         ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
         ("train.patience", t.patience), ("train.warmup_steps", t.warmup_steps),
         ("prompt.factors.rank", p.factors.rank), ("data.max_eval_examples", d.max_eval_examples),
+        ("data.few_shot", d.few_shot),
     ]:
         _require(value >= 0, f"config key '{key}' must be >= 0; got {value}")
     for key, value, low in [
@@ -509,6 +536,9 @@ def validate(cfg: RunConfig) -> None:
     for name, local in d.local.items():
         _require(local.train is not None or local.validation is not None,
                  f"data.local.{name} needs a file: set data.local.{name}.train and/or .validation")
+    from .data.tasks import check_data_files
+
+    check_data_files(d)
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -364,37 +364,54 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     @torch.no_grad()
-    def evaluate(self, tasks: list[EncodedTask], batch_size: int, pad_id: int,
-                 ensemble: bool = False) -> dict[str, dict]:
-        """Rank classification on every task (ensemble: the particles' posterior predictive instead
-        of the particle-mean prompt); examples are sharded over ranks and each one is counted
-        exactly once. Every rank runs the same number of forward passes (ZeRO-3
-        gathers parameters collectively), padding its shard with placeholders it ignores."""
+    def predict(self, tasks: list[EncodedTask], batch_size: int, pad_id: int, ensemble: bool = False,
+                generate: bool = False, max_new_tokens: int = 32) -> dict[str, list]:
+        """Predictions of every example of every task, in example order, the same on every rank.
+
+        Rank classification (classification and regression tasks unless `generate`): the index of
+        the best-scoring verbalized label (ensemble: the particles' posterior predictive instead
+        of the particle-mean prompt). Generation (QA tasks, and all with `generate`): the greedy
+        output's token ids under the particle-mean prompt.
+
+        Examples are sharded over ranks (rank r takes r, r + R, ...) and gathered once, so each
+        one is predicted exactly once. Every rank runs the same number of forward passes (ZeRO-3
+        gathers parameters collectively), padding its shard with placeholders it drops; generation
+        passes synced_gpus under ZeRO-3 so that a rank whose batch finishes early keeps stepping
+        with the others instead of hanging them.
+        """
         self.ds.eval()
         r, w = rank(), world_size()
+        synced = w > 1 and self.ds.zero_optimization_stage() == 3
         results = {}
         for task in tasks:
             n = len(task.inputs)
             mine = list(range(r, n, w))
             per_rank = math.ceil(n / w)
             mine += [-1] * (per_rank - len(mine))
-            candidates = pad_candidates(task.label_ids).to(self.device)
-            preds: list[tuple[int, int]] = []
+            by_generation = generate or task.kind == "qa"
+            candidates = None if by_generation else pad_candidates(task.label_ids).to(self.device)
+            preds: list[tuple[int, Any]] = []
             for start in range(0, per_rank, batch_size):
                 chunk = mine[start:start + batch_size]
                 batch = self._to_device(collate([task], [(0, max(i, 0)) for i in chunk], pad_id))
-                scores = self.model.score_candidates(batch["input_ids"], batch["attention_mask"],
-                                                     batch["task_ids"], candidates, ensemble=ensemble)
-                best = scores.argmax(-1).tolist()
-                preds += [(i, p) for i, p in zip(chunk, best) if i >= 0]
+                if by_generation:
+                    out = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
+                                              max_new_tokens=max_new_tokens, synced_gpus=synced).tolist()
+                else:
+                    out = self.model.score_candidates(batch["input_ids"], batch["attention_mask"],
+                                                      batch["task_ids"], candidates, ensemble=ensemble)
+                    out = out.argmax(-1).tolist()
+                preds += [(i, p) for i, p in zip(chunk, out) if i >= 0]
             gathered: list[Any] = [None] * w
             if w > 1:
                 dist.all_gather_object(gathered, preds)
             else:
                 gathered = [preds]
             pairs = dict(p for part in gathered for p in part)
-            correct = sum(int(pairs[i] == task.target_index[i]) for i in range(n))
-            results[task.name] = {"accuracy": correct / max(1, n), "examples": n}
+            if sorted(pairs) != list(range(n)) or sum(len(part) for part in gathered) != n:
+                raise RuntimeError(f"evaluation of {task.name} gathered {sum(len(p) for p in gathered)} "
+                                   f"predictions for {n} examples")
+            results[task.name] = [pairs[i] for i in range(n)]
         return results
 
     # --------------------------------------------------------------- checkpoints

@@ -68,6 +68,17 @@ class PromptedT5(nn.Module):
         return torch.logsumexp(per_particle, dim=0) - math.log(m)
 
 
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, task_ids, max_new_tokens: int,
+                 synced_gpus: bool = False) -> torch.Tensor:
+        """Greedy decoding under the particle-mean prompt: [B, <= max_new_tokens + 1] token ids
+        (starting with the decoder start token). synced_gpus keeps every rank stepping until all
+        are done, which ZeRO-3's collective parameter gathers require."""
+        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=True)
+        return self.backbone.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, num_beams=1, synced_gpus=synced_gpus)
+
+
 def candidate_log_likelihood(backbone, hidden, attention_mask, candidates) -> torch.Tensor:
     """Summed log-likelihood of every candidate target given encoder states: [B, C].
 

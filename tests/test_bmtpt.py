@@ -183,7 +183,7 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     with_prior = (target["particles"][0] - mean).norm()
     without = (particles(out / "noprior")[0] - mean).norm()
     assert with_prior < 0.8 * without
-    assert json.loads((out / "target" / "metrics.json").read_text())["polarity"]["examples"] == 200
+    assert json.loads((out / "target" / "metrics.json").read_text())["final"]["dev"]["polarity"]["examples"] == 200
 
     # The same command again: every stage finished with this config, so nothing runs.
     again = run_ds(1, TRAIN, *args, cache=cache)

@@ -29,8 +29,8 @@ def cache(tiny_backbone_path) -> Path:
     return Path(tiny_backbone_path).parent
 
 
-def prompts(run_dir: Path) -> torch.Tensor:
-    return load_file(str(run_dir / "prompts.safetensors"))["particles"]
+def prompts(run_dir: Path, name: str = "prompts.safetensors") -> torch.Tensor:
+    return load_file(str(run_dir / name))["particles"]
 
 
 def test_two_ranks_learn_and_backbone_is_untouched(cache, tmp_path):
@@ -49,13 +49,13 @@ def test_two_ranks_learn_and_backbone_is_untouched(cache, tmp_path):
     # It learns from random init: from near chance (0.5) to well above it on the held-out task.
     assert check["initial"]["polarity"]["accuracy"] < 0.7
     assert check["final"]["polarity"]["accuracy"] >= 0.9
-    assert json.loads((out / "metrics.json").read_text()) == check["final"]
+    assert json.loads((out / "metrics.json").read_text())["final"]["dev"] == check["final"]
     # TensorBoard got the scalars a user watches, and the loss fell.
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
-            "perf/peak_memory_mb", "eval/polarity/accuracy"} <= tags
+            "perf/peak_memory_mb", "dev/polarity/accuracy", "test/polarity/accuracy"} <= tags
     loss = [e.value for e in acc.Scalars("train/loss")]
     assert len(loss) == 8 and loss[-1] < 0.5 * loss[0]
     assert "config" in " ".join(acc.Tags()["tensors"])
@@ -106,19 +106,19 @@ def test_spot_starts_from_an_earlier_prompt(cache, tmp_path):
     source = tmp_path / "source"
     assert run_ds(1, TRAIN, f"output_dir={source}", "model.dtype=fp32", "train.steps=100", "train.eval_every=0",
                   "train.lr=0.3", cache=cache).returncode == 0
-    source_acc = json.loads((source / "metrics.json").read_text())["polarity"]["accuracy"]
+    source_acc = json.loads((source / "metrics.json").read_text())["final"]["dev"]["polarity"]["accuracy"]
     # One step at a tiny learning rate: the target can only be as good as its start.
     target = tmp_path / "target"
     proc = run_ds(1, TRAIN, "stage=spot", f"prompt.init_file={source / 'prompts.safetensors'}",
                   f"output_dir={target}", "model.dtype=fp32", "train.steps=1", "train.lr=1e-6", cache=cache)
     assert proc.returncode == 0
-    target_acc = json.loads((target / "metrics.json").read_text())["polarity"]["accuracy"]
+    target_acc = json.loads((target / "metrics.json").read_text())["final"]["dev"]["polarity"]["accuracy"]
     assert source_acc >= 0.85
     assert abs(target_acc - source_acc) <= 0.01
     control = tmp_path / "control"
     assert run_ds(1, TRAIN, f"output_dir={control}", "model.dtype=fp32", "train.steps=1", "train.lr=1e-6",
                   cache=cache).returncode == 0
-    assert json.loads((control / "metrics.json").read_text())["polarity"]["accuracy"] < 0.7
+    assert json.loads((control / "metrics.json").read_text())["final"]["dev"]["polarity"]["accuracy"] < 0.7
 
 
 def test_untied_lm_head_survives_zero3_loading_on_two_ranks(tiny_backbone_path, cache, tmp_path):
@@ -162,7 +162,11 @@ def test_default_command_runs_end_to_end(cache, tmp_path):
     assert f"Outputs in {out.resolve()}" in proc.stdout
     assert "[bpt_ds] loading backbone " in proc.stdout  # the line test_cli checks is absent on early errors
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["polarity"]["accuracy"] >= 0.9
+    assert metrics["final"]["dev"]["polarity"]["accuracy"] >= 0.9
+    # The reported numbers: the test set at the best dev step, whose prompt is kept too.
+    assert metrics["selected"]["test"]["polarity"]["accuracy"] >= 0.85
+    assert metrics["selected"]["dev"]["polarity"]["score"] >= metrics["final"]["dev"]["polarity"]["score"]
+    assert prompts(out, "prompts_best.safetensors").shape == (1, 16, 128)
     assert prompts(out).shape == (1, 16, 128)
     assert any((out / "tb").iterdir())
 
@@ -182,9 +186,10 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     for task in ("polarity", "sentiment"):
         assert tensors[f"factors.{task}.U"].shape == (16, 2)
         assert tensors[f"factors.{task}.V"].shape == (2, 128)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["final"]["dev"]
     # 63 examples over 2 ranks: the padded placeholder of rank 1 is not counted.
-    assert metrics == {t: {"accuracy": metrics[t]["accuracy"], "examples": 63} for t in ("polarity", "sentiment")}
+    assert metrics == {t: {"accuracy": metrics[t]["accuracy"], "score": metrics[t]["accuracy"], "examples": 63,
+                           "invalid": 0} for t in ("polarity", "sentiment")}
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     assert {"train/loss_particle_0", "train/loss_particle_1"} <= set(acc.Tags()["scalars"])

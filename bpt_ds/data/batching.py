@@ -24,8 +24,11 @@ class EncodedTask:
     labels: list[str]
     inputs: list[list[int]]
     targets: list[list[int]]
-    target_index: list[int]          # index into labels of each example's target
-    label_ids: list[list[int]]       # token ids of each verbalized label
+    target_index: list[int]          # index into labels of each example's target (none for QA)
+    label_ids: list[list[int]]       # token ids of each verbalized label (none for QA)
+    kind: str = "classification"     # classification | regression | qa
+    metrics: tuple = ("accuracy",)
+    rows: list = None                # the examples: gold targets, QA answers, MultiRC groups
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
@@ -43,18 +46,25 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[lis
 
 def encode_task(tokenizer, task: TaskData, task_id: int, split: str,
                 max_source_length: int, max_target_length: int) -> EncodedTask:
+    """split: train, validation (the dev set) or test."""
     rows = getattr(task, split)
     inputs, cut_in = encode_texts(tokenizer, [r["input"] for r in rows], max_source_length)
+    if cut_in:
+        log.warning("task %s (%s): %d of %d inputs longer than data.max_source_length=%d were truncated",
+                    task.name, split, cut_in, len(rows), max_source_length)
+    if task.kind == "qa":
+        targets, cut_out = encode_texts(tokenizer, [r["target"] for r in rows], max_target_length)
+        if cut_out and split == "train":
+            log.warning("task %s: %d of %d answers longer than data.max_target_length=%d were truncated",
+                        task.name, cut_out, len(rows), max_target_length)
+        return EncodedTask(task.name, task_id, [], inputs, targets, [], [], task.kind, task.metrics, rows)
     label_ids, cut_lab = encode_texts(tokenizer, task.labels, max_target_length)
     if cut_lab:
         raise DataError(f"task {task.name}: {cut_lab} labels are longer than "
                          f"data.max_target_length={max_target_length}; raise it")
-    if cut_in:
-        log.warning("task %s (%s): %d of %d inputs longer than data.max_source_length=%d were truncated",
-                    task.name, split, cut_in, len(rows), max_source_length)
     index = [task.labels.index(r["target"]) for r in rows]
     return EncodedTask(task.name, task_id, task.labels, inputs, [label_ids[i] for i in index],
-                       index, label_ids)
+                       index, label_ids, task.kind, task.metrics, rows)
 
 
 class MixtureSampler:

@@ -13,7 +13,8 @@ Features, and how each is switched on:
 - checkpoints of trainable state every train.save_every steps; resume: train.resume=auto
 - activation checkpointing of the frozen backbone: model.gradient_checkpointing
 Outputs in output_dir: config.yaml, ds_config.json (the resolved DeepSpeed config),
-prompts.safetensors, metrics.json, tb/ (TensorBoard), checkpoints/.
+prompts.safetensors (final), prompts_best.safetensors (best dev score), metrics.json (dev and
+test metrics of the best dev step, bpt_ds.metrics), tb/ (TensorBoard), checkpoints/.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ..backbone import load_backbone, resolve_model_path, sample_vocab_embedding
 from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..data.batching import MixtureSampler, collate, encode_task
 from ..data.tasks import DataError, load_task
+from ..metrics import compute as compute_metrics
 from ..model import PromptedT5
 from ..prompts import PromptBank, load_prompts_file
 
@@ -43,7 +45,7 @@ DONE_FILE = "done.json"
 # Keys a resumed run may change: they say how long to train and what to log, not what a step computes.
 RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "train.eval_every",
                "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.patience",
-               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples"}
+               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method"}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -110,6 +112,8 @@ class PromptTuning:
         self.stopped = False
         self.last_metrics: dict = {}
         self.last_eval_step = -1
+        # The evaluation with the best mean dev score: its step, dev and test metrics.
+        self.selected: dict = {}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -136,11 +140,12 @@ class PromptTuning:
                                 f"set data.local.{name}.train")
         for name in eval_names:
             if not raw[name].validation and cfg.train.eval_every:
-                raise DataError(f"task {name} is evaluated but has no validation rows; set "
+                raise DataError(f"task {name} is evaluated but has no validation (dev) rows; set "
                                 f"data.local.{name}.validation, or train.eval_every=0")
         if cfg.data.max_eval_examples:
             for name in eval_names:
                 raw[name].validation = raw[name].validation[:cfg.data.max_eval_examples]
+                raw[name].test = raw[name].test[:cfg.data.max_eval_examples]
         self.raw = raw
         self.init_tensors = init_tensors = (load_prompts_file(cfg.prompt.init_file)
                                             if cfg.prompt.init == "file" else None)
@@ -153,10 +158,14 @@ class PromptTuning:
         self.pad_id = self.tokenizer.pad_token_id
         self.train_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "train",
                                         d.max_source_length, d.max_target_length) for n in train_names]
-        # A task without validation rows (allowed when train.eval_every=0) is not evaluated.
+        # A task without dev rows (allowed when train.eval_every=0) is not evaluated; the test
+        # rows of a task are scored whenever the mean dev score improves.
         self.eval_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "validation",
                                        d.max_source_length, d.max_target_length)
                            for n in eval_names if raw[n].validation]
+        self.test_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "test",
+                                       d.max_source_length, d.max_target_length)
+                           for n in eval_names if raw[n].validation and raw[n].test]
         self.sampler = MixtureSampler([len(t.inputs) for t in self.train_tasks],
                                       cfg.train.global_batch_size, cfg.seed)
         p = cfg.prompt
@@ -194,6 +203,7 @@ class PromptTuning:
                 self._check_same_config(state.get("config"))
                 self.step = int(state["step"])
                 self.best = float(state["best"])
+                self.selected = state.get("selected") or {}
                 self.evals_without_gain = int(state["evals_without_gain"])
                 self.stopped = bool(state["stopped"])
                 self._info(f"resumed from step {self.step} ({self.engine.checkpoint_dir()})")
@@ -324,6 +334,7 @@ class PromptTuning:
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps or self.stopped:
                 # `stopped` is saved too: running the command again does not train past an early stop.
                 self.engine.save_checkpoint(self.step, {"step": self.step, "best": self.best, "stopped": self.stopped,
+                                                        "selected": self.selected,
                                                         "evals_without_gain": self.evals_without_gain,
                                                         "config": config_fingerprint(cfg)})
             if self.stopped:
@@ -355,24 +366,71 @@ class PromptTuning:
             # Share of wall time in the gradient hook: all-gathers of θ and G, SVGD or the prior.
             w.add_scalar("perf/grad_hook_share", hook_share, s)
 
+    def _scores(self, tasks) -> dict[str, dict]:
+        """Every task's metrics (bpt_ds.metrics) on the given split's encoded tasks."""
+        d = self.cfg.data
+        ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
+        generate = d.eval_mode == "generate"
+        preds = self.engine.predict(tasks, self.cfg.train.eval_batch_size, self.pad_id, ensemble=ensemble,
+                                    generate=generate, max_new_tokens=d.max_new_tokens)
+        out = {}
+        for task in tasks:
+            p = preds[task.name]
+            if generate or task.kind == "qa":
+                texts = [t.strip() for t in self.tokenizer.batch_decode(p, skip_special_tokens=True)]
+            else:
+                texts = [task.labels[i] for i in p]
+            golds = [row["answers"] if task.kind == "qa" else row["target"] for row in task.rows]
+            groups = [row.get("group") for row in task.rows]
+            out[task.name] = compute_metrics(task.metrics, texts, golds, labels=task.labels, groups=groups)
+        return out
+
+    def _log_scores(self, split: str, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        for task, values in metrics.items():
+            for key, value in values.items():
+                if key != "examples":
+                    self.writer.add_scalar(f"{split}/{task}/{key}", value, self.step)
+        summary = ", ".join(
+            f"{task} " + " ".join(f"{k} {v[k]:.4f}" for k in self._task_metrics[task])
+            + (f" ({v['invalid']} of {v['examples']} predictions invalid)" if v["invalid"] else "")
+            for task, v in metrics.items())
+        ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
+        how = " (posterior predictive over the particles)" if ensemble and self.cfg.data.eval_mode == "rank" else ""
+        tqdm.write(f"[bpt_ds] step {self.step} {split}{how}: {summary}")
+
     def _evaluate(self) -> bool:
-        """Evaluates every eval task; returns True when early stopping says stop."""
-        metrics = self.engine.evaluate(self.eval_tasks, self.cfg.train.eval_batch_size, self.pad_id,
-                                       ensemble=self.eval_ensemble and self.cfg.prompt.particles > 1)
+        """Scores the dev set; when its mean task score improves, also the test set (the reported
+        numbers are the test scores at the best dev step) and prompts_best.safetensors. Returns
+        True when early stopping says stop."""
+        self._task_metrics = {t.name: t.metrics for t in self.eval_tasks}
+        metrics = self._scores(self.eval_tasks)
         self.last_metrics, self.last_eval_step = metrics, self.step
-        if self.is_main:
-            for task, values in metrics.items():
-                self.writer.add_scalar(f"eval/{task}/accuracy", values["accuracy"], self.step)
-            summary = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in metrics.items())
-            ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
-            how = " (posterior predictive over the particles)" if ensemble else ""
-            tqdm.write(f"[bpt_ds] step {self.step} eval accuracy{how}: {summary}")
-        score = sum(v["accuracy"] for v in metrics.values()) / len(metrics)
+        self._log_scores("dev", metrics)
+        score = sum(v["score"] for v in metrics.values()) / len(metrics)
         if score > self.best:
             self.best, self.evals_without_gain = score, 0
+            test = self._scores(self.test_tasks) if self.test_tasks else {}
+            if test:
+                self._log_scores("test", test)
+            self.selected = {"step": self.step, "dev": metrics, "test": test}
+            tensors = self.engine.model.bank.export(self.engine.full_trainable_tensors())
+            if self.is_main:
+                from safetensors.torch import save_file
+
+                eng.atomic_write(self.out / "prompts_best.safetensors", lambda f: save_file(tensors, str(f)))
         else:
             self.evals_without_gain += 1
         return bool(self.cfg.train.patience) and self.evals_without_gain >= self.cfg.train.patience
+
+    def results(self) -> dict:
+        """metrics.json: the run's identity, the selected (best dev) step's dev and test metrics,
+        and the final step's dev metrics."""
+        cfg = self.cfg
+        return {"method": cfg.method or cfg.stage, "stage": cfg.stage, "seed": cfg.seed,
+                "few_shot": cfg.data.few_shot, "selected": self.selected,
+                "final": {"step": self.last_eval_step, "dev": self.last_metrics}}
 
     # ----------------------------------------------------------------- finish
     def finish(self) -> dict:
@@ -384,8 +442,9 @@ class PromptTuning:
 
             eng.atomic_write(self.out / "prompts.safetensors", lambda f: save_file(tensors, str(f)))
             self.export_extras(tensors)
+            results = self.results()
             eng.atomic_write(self.out / "metrics.json",
-                             lambda f: f.write_text(json.dumps(self.last_metrics, indent=2) + "\n"))
+                             lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
             self.writer.flush()
             # Last: a pipeline skips this stage on a rerun only when this marker matches its config
             # and its input files.
@@ -399,7 +458,7 @@ class PromptTuning:
             self._info(f"  checkpoints  {self.engine.checkpoint_dir()}")
             self._info(f"  TensorBoard  tensorboard --logdir {self.out / 'tb'}")
         eng.barrier()
-        return self.last_metrics
+        return self.results()
 
     def cleanup(self) -> None:
         """Closes the log and lets go of the engine and backbone, so that the next stage of a

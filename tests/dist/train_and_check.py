@@ -1,6 +1,6 @@
 """A short prompt-tuning run that records, around training, what a unit test cannot see:
 every backbone weight's fingerprint (gathered from its ZeRO-3 partitions), the trainable
-parameter count seen by the engine, and accuracy before training.
+parameter count seen by the engine, and dev metrics before training.
 
 usage: deepspeed --num_gpus N tests/dist/train_and_check.py RESULT.json key=value ...
 """
@@ -32,9 +32,9 @@ def main() -> None:
     before = fingerprints(backbone)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.ds.module.parameters() if p.requires_grad)
     partitioned = sum(1 for p in backbone.parameters() if hasattr(p, "ds_id"))
-    initial = engine.evaluate(recipe.eval_tasks, recipe.cfg.train.eval_batch_size, recipe.pad_id)
+    initial = recipe._scores(recipe.eval_tasks)
     recipe.train()
-    final = recipe.finish()
+    final = recipe.finish()["final"]["dev"]
     after = fingerprints(backbone)
     write_result(result_path, {
         "changed_backbone_weights": sorted(n for n in before if before[n] != after[n]),
