@@ -344,8 +344,12 @@ PIPELINE_KEYS = ("output_dir", "defaults", "stages")
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
-def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> list[tuple[str, RunConfig]]:
+def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (),
+              seed: Optional[int] = None) -> list[tuple[str, RunConfig]]:
     """The runs a config file asks for, as (name, config): one for a run config, several for a pipeline.
+
+    seed: one run of a multi-seed command: every stage gets this seed and writes to
+    <its output_dir>/seed<seed> (a pipeline's {name} references follow).
 
     A pipeline file chains stages by output path:
 
@@ -364,7 +368,10 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
     """
     raw = _read_yaml(path)
     if "stages" not in raw:
-        return [("run", load_config(path, overrides))]
+        cfg = load_config(path, overrides)
+        if seed is not None:
+            cfg = load_config(path, list(overrides) + [f"seed={seed}", f"output_dir={cfg.output_dir}/seed{seed}"])
+        return [("run", cfg)]
     unknown = sorted(set(raw) - set(PIPELINE_KEYS))
     if unknown:
         raise ConfigError(f"pipeline '{path}': unknown top-level key(s) {unknown}; a pipeline has "
@@ -403,6 +410,9 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
         for text in shared + per_stage[name]:
             key, value = parse_override(text)
             _set_dotted(merged, key, value)
+        if seed is not None:
+            merged["seed"] = seed
+            merged["output_dir"] = f"{merged['output_dir']}/seed{seed}"
         merged = _substitute(merged, dirs, names[i:], f"pipeline '{path}', stage '{name}'")
         try:
             cfg = build_config(merged)

@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config or pipeline (see configs/); default: the embedded "
                                           "tiny CPU run")
+    parser.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3: one run (or pipeline) per seed in "
+                                         "<output_dir>/seed<N>, then a mean ± std table of them")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=300")
     args = parser.parse_args(argv)
@@ -23,16 +25,58 @@ def main(argv: list[str] | None = None) -> int:
     from bpt_ds.config import ConfigError, load_runs
     from bpt_ds.data.tasks import DataError
 
+    rank0 = os.environ.get("RANK", "0") == "0"
+
+    def say(line: str) -> None:
+        if rank0:
+            print(line, flush=True)
+
     try:
-        runs = load_runs(args.config, args.overrides)  # a pipeline's stages are all checked up front
+        seeds = parse_seeds(args.seeds)
+        # Every run of every seed is built and checked before the first one starts.
+        batches = [load_runs(args.config, args.overrides, seed) for seed in seeds]
         from bpt_ds.stages import run_pipeline
 
-        rank0 = os.environ.get("RANK", "0") == "0"
-        run_pipeline(runs, say=lambda line: print(line, flush=True) if rank0 else None)
+        for seed, runs in zip(seeds, batches):
+            if seed is not None:
+                say(f"[bpt_ds] seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+            run_pipeline(runs, say=say)
+        if len(seeds) > 1 and rank0:
+            write_seed_table([cfg.output_dir for runs in batches for _, cfg in runs], say)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def parse_seeds(text: str | None) -> list:
+    from bpt_ds.config import ConfigError
+
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers such as 1,2,3; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds expects distinct integers such as 1,2,3; got {text!r}")
+    return seeds
+
+
+def write_seed_table(run_dirs: list[str], say) -> None:
+    """The seeds' mean ± std table, printed and written next to the runs as results.md."""
+    from pathlib import Path
+
+    from bpt_ds.results import ResultsError, render
+
+    root = Path(os.path.commonpath([os.path.abspath(d) for d in run_dirs]))
+    try:
+        table = render(run_dirs)
+    except ResultsError as e:
+        say(f"[bpt_ds] no results table: {e}")
+        return
+    (root / "results.md").write_text(table)
+    say(f"[bpt_ds] test scores over seeds (x100, mean ± std; {root / 'results.md'}):\n{table}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""Results tables: runs' metrics.json collected into methods x tasks, mean ± std over seeds.
+
+    python -m bpt_ds.results runs/ [more runs or metrics.json files] [--split test|dev]
+                             [--format markdown|csv] [--metrics score|all] [--output FILE]
+
+Every metrics.json under the given paths is one (method, seed) run; its method is the config's
+`method` (default: the stage), with "k=<k>" added for few-shot runs. A cell is the mean ± sample
+standard deviation over seeds, x100, of the task's score (the mean of its metrics, e.g. MRPC's F1
+and accuracy) or, with --metrics all, of every metric. The test split at the best dev step is
+the default (the papers' protocol); Avg is each seed's mean over the method's tasks, then
+mean ± std over seeds. Columns follow the suite's order (GLUE, SuperGLUE, QA), rows the order
+in which methods are first found.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from .data.registry import REGISTRY
+
+
+class ResultsError(ValueError):
+    """A metrics.json is missing, unreadable or duplicated; the message names the file."""
+
+
+def find_metrics(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for name in paths:
+        p = Path(name)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(p.rglob("metrics.json"))
+            if not found:
+                raise ResultsError(f"no metrics.json under '{name}' (a finished run writes one to its output_dir)")
+            files += found
+        else:
+            raise ResultsError(f"'{name}' does not exist")
+    return files
+
+
+def collect(files: list[Path], split: str = "test", which: str = "score") -> dict:
+    """{method: {column: {seed: value}}} with columns "task" (score) or "task metric" (all)."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    seen: dict[tuple, Path] = {}
+    for f in files:
+        try:
+            run = json.loads(f.read_text())
+            method, seed, few_shot = run["method"], run["seed"], run.get("few_shot", 0)
+            tasks = run["selected"].get(split) or {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ResultsError(f"{f}: not a bpt_ds metrics.json ({type(e).__name__}: {e})") from None
+        label = f"{method} k={few_shot}" if few_shot else method
+        key = (label, seed)
+        if key in seen:
+            raise ResultsError(f"{f} and {seen[key]} are both method '{label}' with seed {seed}; "
+                               "give one of them another `method` in its config, or collect them separately")
+        seen[key] = f
+        row = table.setdefault(label, {})
+        for task, values in tasks.items():
+            names = ["score"] if which == "score" else [k for k in values if k not in ("score", "examples", "invalid")]
+            for name in names:
+                column = task if which == "score" else f"{task} {name}"
+                row.setdefault(column, {})[seed] = float(values[name])
+    return table
+
+
+def _order(columns: set[str]) -> list[str]:
+    suite = list(REGISTRY)
+
+    def key(column: str):
+        task = column.split(" ")[0]
+        return (suite.index(task) if task in suite else len(suite), column)
+    return sorted(columns, key=key)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rows(table: dict) -> tuple[list[str], list[tuple[str, list]]]:
+    """Columns and, per method, each column's (mean, std, seeds) or None; the last column is Avg."""
+    columns = _order({c for row in table.values() for c in row})
+    out = []
+    for method, row in table.items():
+        cells = [(*_stats(list(row[c].values())), len(row[c])) if c in row else None for c in columns]
+        seeds = set.intersection(*(set(v) for v in row.values())) if row else set()
+        per_seed = [statistics.fmean(row[c][s] for c in row) for s in sorted(seeds)]
+        cells.append((*_stats(per_seed), len(per_seed)) if per_seed else None)
+        out.append((method, cells))
+    return columns + ["Avg"], out
+
+
+def markdown(table: dict) -> str:
+    columns, body = rows(table)
+    lines = ["| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, cells in body:
+        text = ["–" if c is None else f"{100 * c[0]:.1f}" + (f" ± {100 * c[1]:.1f}" if c[2] > 1 else "")
+                for c in cells]
+        lines.append(f"| {method} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(table: dict) -> str:
+    import csv
+    import io
+
+    columns, body = rows(table)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "column", "mean", "std", "seeds"])
+    for method, cells in body:
+        for column, c in zip(columns, cells):
+            if c is not None:
+                writer.writerow([method, column, f"{100 * c[0]:.4f}", f"{100 * c[1]:.4f}", c[2]])
+    return buf.getvalue()
+
+
+def render(paths: list[str], split: str = "test", fmt: str = "markdown", which: str = "score") -> str:
+    table = collect(find_metrics(paths), split, which)
+    if not any(table.values()):
+        raise ResultsError(f"the runs have no {split} metrics (a task without a {split} split, or a run "
+                           "that never evaluated: train.eval_every=0 and no dev rows)")
+    return markdown(table) if fmt == "markdown" else csv_text(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bpt_ds.results", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run directories (searched for metrics.json) or metrics.json files")
+    parser.add_argument("--split", choices=["test", "dev"], default="test",
+                        help="test (default) or dev metrics, both at the best dev step")
+    parser.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    parser.add_argument("--metrics", choices=["score", "all"], default="score",
+                        help="one column per task (its score) or per task and metric")
+    parser.add_argument("--output", help="write the table here instead of printing it")
+    args = parser.parse_args(argv)
+    try:
+        text = render(args.paths, args.split, args.format, args.metrics)
+    except ResultsError as e:
+        print(f"bpt_ds.results: error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
