@@ -107,8 +107,11 @@ def _suite_rows(spec, split: str, cfg: DataConfig) -> list[dict]:
     else:
         source = os.path.join(cfg.datasets_dir, path) if cfg.datasets_dir else path
         where = f"{source} ({config or 'default'}, {split})"
+        # datasets caches a local copy under its name and config only, so two copies (or an edited
+        # one) would share a cache: key the cache by the files' paths, sizes and times instead.
+        cache = _local_cache_dir(source) if cfg.datasets_dir else None
         try:
-            ds = datasets.load_dataset(source, config, split=split)
+            ds = datasets.load_dataset(source, config, split=split, cache_dir=cache)
         except Exception as e:  # network, missing config or split: all mean "not loadable here"
             raise DataError(
                 f"task {spec.name}: could not load {where} with datasets.load_dataset: {e}. Without network, "
@@ -131,6 +134,22 @@ def _suite_rows(spec, split: str, cfg: DataConfig) -> list[dict]:
     if not rows:
         raise DataError(f"{where}: no rows{' of subset ' + spec.subset if spec.subset else ''}")
     return rows
+
+
+def _local_cache_dir(directory: str):
+    import hashlib
+
+    import datasets
+
+    if not os.path.isdir(directory):
+        return None  # load_dataset says what is missing
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(os.path.abspath(directory))):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            digest.update(f"{os.path.join(root, name)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "bpt_ds-local", digest.hexdigest()[:16])
 
 
 def _read_file(path: str, key: str):

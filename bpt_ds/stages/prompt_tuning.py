@@ -146,6 +146,13 @@ class PromptTuning:
             for name in eval_names:
                 raw[name].validation = raw[name].validation[:cfg.data.max_eval_examples]
                 raw[name].test = raw[name].test[:cfg.data.max_eval_examples]
+        k = cfg.data.few_shot
+        for name in self.task_names:
+            t = raw[name]
+            shots = (f" (few-shot: {k} {'per class' if t.kind == 'classification' else 'in all'}, seed {cfg.seed})"
+                     if k and name in train_names else "")
+            self._info(f"task {name} ({t.kind}, {', '.join(t.metrics)}): {len(t.train)} train{shots} / "
+                       f"{len(t.validation)} dev / {len(t.test)} test examples")
         self.raw = raw
         self.init_tensors = init_tensors = (load_prompts_file(cfg.prompt.init_file)
                                             if cfg.prompt.init == "file" else None)
