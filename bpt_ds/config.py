@@ -185,10 +185,10 @@ class PriorConfig:
 @dataclass
 class RunConfig:
     stage: Literal["pt", "spot", "bmtpt-source", "target"] = "pt"
-    # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
-    method: Optional[str] = None
     seed: int = 42
     output_dir: str = "runs/default"
+    # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
+    method: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -35,8 +35,10 @@ def test_yaml_then_overrides(tmp_path):
     ("model.dtype=fp16", "config key 'model.dtype' expects one of 'auto', 'bf16', 'fp32'; got 'fp16'"),
     ("stage=mpt", "config key 'stage' expects one of 'pt', 'spot', 'bmtpt-source', 'target'; got 'mpt'"),
     ("train.steps=0", "config key 'train.steps' must be >= 1; got 0"),
-    ("data.tasks=[nope]", "unknown task 'nope' in data.tasks. Known synthetic tasks: mood, polarity, sentiment, topic; "
-                          "for your own files define data.local.nope.train / .validation"),
+    ("data.tasks=[nope]", "unknown task 'nope' in data.tasks. Suite tasks: mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
+                          "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq; "
+                          "synthetic tasks: mood, polarity, sentiment, topic; for your own files define "
+                          "data.local.nope.train / .validation"),
     ("train.micro_batch_size=6", "train.global_batch_size (32) must be a multiple of train.micro_batch_size (6)"),
     ("train.lr=.inf", "config key 'train.lr' must be a finite number > 0; got inf"),
     ("train.max_grad_norm=-1", "config key 'train.max_grad_norm' must be a finite number >= 0; got -1.0"),

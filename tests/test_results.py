@@ -1,0 +1,79 @@
+"""The results table: runs' metrics.json into methods x tasks, mean ± std over seeds."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from bpt_ds.results import ResultsError, main, render
+
+
+def write_run(path, method, seed, test, few_shot=0, dev=None):
+    path.mkdir(parents=True)
+    tasks = {t: {**m, "score": sum(m.values()) / len(m), "examples": 10, "invalid": 0} for t, m in test.items()}
+    run = {"method": method, "stage": "pt", "seed": seed, "few_shot": few_shot,
+           "selected": {"step": 5, "dev": dev or tasks, "test": tasks}, "final": {"step": 9, "dev": tasks}}
+    (path / "metrics.json").write_text(json.dumps(run))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    # PT over 3 seeds on RTE and MRPC (MRPC scores the mean of F1 and accuracy); SPoT over 2.
+    for seed, rte, f1, acc in [(1, 0.60, 0.80, 0.70), (2, 0.70, 0.90, 0.80), (3, 0.80, 0.70, 0.60)]:
+        write_run(tmp_path / "pt" / f"seed{seed}", "pt", seed, {"rte": {"accuracy": rte},
+                                                                "mrpc": {"f1": f1, "accuracy": acc}})
+    for seed, rte in [(1, 0.75), (2, 0.85)]:
+        write_run(tmp_path / "spot" / f"seed{seed}", "spot", seed, {"rte": {"accuracy": rte}})
+    return tmp_path
+
+
+def test_markdown_table_mean_and_std_over_seeds(runs):
+    # PT: RTE 60/70/80 -> 70.0 ± 10.0; MRPC (75, 85, 65) -> 75.0 ± 10.0; Avg per seed (67.5, 77.5, 72.5)
+    # -> 72.5 ± 5.0. SPoT: RTE 75/85 -> 80.0 ± 7.1. Columns in the suite's order: MRPC before RTE.
+    assert render([str(runs)]) == (
+        "| Method | mrpc | rte | Avg |\n"
+        "|---|---|---|---|\n"
+        "| pt | 75.0 ± 10.0 | 70.0 ± 10.0 | 72.5 ± 5.0 |\n"
+        "| spot | – | 80.0 ± 7.1 | 80.0 ± 7.1 |\n")
+
+
+def test_csv_and_every_metric(runs):
+    text = render([str(runs / "pt")], fmt="csv", which="all")
+    lines = text.splitlines()
+    assert lines[0] == "method,column,mean,std,seeds"
+    assert f"pt,mrpc f1,80.0000,{100 * statistics.stdev([0.8, 0.9, 0.7]):.4f},3" in lines
+    assert "pt,mrpc accuracy,70.0000,10.0000,3" in lines
+    assert "pt,rte accuracy,70.0000,10.0000,3" in lines
+
+
+def test_few_shot_runs_are_their_own_rows_and_dev_can_be_shown(tmp_path):
+    write_run(tmp_path / "a", "pt", 1, {"rte": {"accuracy": 0.5}}, dev={"rte": {"accuracy": 0.9, "score": 0.9}})
+    write_run(tmp_path / "b", "pt", 1, {"rte": {"accuracy": 0.6}}, few_shot=16)
+    assert render([str(tmp_path)]).splitlines()[2:] == ["| pt | 50.0 | 50.0 |", "| pt k=16 | 60.0 | 60.0 |"]
+    assert render([str(tmp_path / "a")], split="dev").splitlines()[2] == "| pt | 90.0 | 90.0 |"
+
+
+def test_errors_name_the_file(tmp_path, capsys):
+    write_run(tmp_path / "a", "pt", 1, {"rte": {"accuracy": 0.5}})
+    write_run(tmp_path / "b", "pt", 1, {"rte": {"accuracy": 0.6}})
+    with pytest.raises(ResultsError) as e:
+        render([str(tmp_path)])
+    assert str(e.value) == (f"{tmp_path / 'b' / 'metrics.json'} and {tmp_path / 'a' / 'metrics.json'} are both "
+                            "method 'pt' with seed 1; give one of them another `method` in its config, or collect "
+                            "them separately")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.json").write_text('{"polarity": {"accuracy": 1.0}}')
+    with pytest.raises(ResultsError, match=r"metrics.json: not a bpt_ds metrics.json \(KeyError"):
+        render([str(tmp_path / "c")])
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err == f"bpt_ds.results: error: '{tmp_path / 'nothing'}' does not exist\n"
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no metrics.json under" in capsys.readouterr().err
+
+
+def test_cli_writes_the_table(runs, tmp_path):
+    out = tmp_path / "table.md"
+    assert main([str(runs / "spot"), "--output", str(out)]) == 0
+    assert out.read_text().splitlines()[2] == "| spot | 80.0 ± 7.1 | 80.0 ± 7.1 |"
