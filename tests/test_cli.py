@@ -58,3 +58,21 @@ def test_over_long_labels_and_misshapen_prompt_files_fail_before_the_backbone_lo
     assert (f"bpt_ds: error: prompt.init_file: {wrong}: particles have shape (1, 7, 128), this run needs "
             "[F, 16, 128]; set prompt.length to match the file (and use a backbone with d_model=128)") in proc.stderr
     assert "[bpt_ds] loading backbone" not in proc.stdout
+
+
+def test_bad_seeds_and_a_bad_second_seed_config_fail_before_any_run(tmp_path):
+    proc = run_cli("--seeds", "1,x", cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr == "bpt_ds: error: --seeds expects comma-separated integers such as 1,2,3; got '1,x'\n"
+    proc = run_cli("--seeds", "2,2", cache=tmp_path / "cache")
+    assert proc.stderr == "bpt_ds: error: --seeds expects distinct integers such as 1,2,3; got '2,2'\n"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_results_command_runs_as_a_module(tmp_path):
+    run = {"method": "pt", "seed": 1, "selected": {"step": 1, "test": {"rte": {"accuracy": 0.5, "score": 0.5}}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(run))
+    proc = subprocess.run([sys.executable, "-m", "bpt_ds.results", str(tmp_path), "--format", "csv"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "method,column,mean,std,seeds\npt,rte,50.0000,0.0000,1\npt,Avg,50.0000,0.0000,1\n"

@@ -195,3 +195,12 @@ def test_particle_placement_over_ranks():
     with pytest.raises(ConfigError, match=r"^train.global_batch_size \(18\) must be a multiple of prompt.particles "
                                           r"\(4\): each particle gets"):
         Placement.make("split", particles=4, world=2, global_batch=18)
+
+
+def test_every_shipped_config_builds():
+    """The configs under configs/ are documentation users copy: each must load and validate."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(root.glob("*.yaml"))
+    assert len(names) >= 6
+    for path in names:
+        assert load_runs(str(path)), path
