@@ -82,6 +82,9 @@ class DataConfig:
     # data.files.rte.train=rte_train.jsonl, data.files.rte.validation=... (MNLI:
     # validation_matched / validation_mismatched). A task without files loads from the hub.
     files: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Another hub dataset for a suite task, "owner/name" or "owner/name:config", in the same
+    # columns (e.g. a parquet mirror of aps/super_glue): data.hub.boolq=me/super_glue:boolq.
+    hub: dict[str, str] = field(default_factory=dict)
     # A directory of local copies of hub datasets (<datasets_dir>/nyu-mll/glue, ...), read with
     # datasets.load_dataset(<datasets_dir>/<hub name>, <config>) instead of the hub.
     datasets_dir: Optional[str] = None

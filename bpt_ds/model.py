@@ -67,7 +67,6 @@ class PromptedT5(nn.Module):
         per_particle = torch.log_softmax(scores.view(m, input_ids.shape[0], -1), dim=-1)
         return torch.logsumexp(per_particle, dim=0) - math.log(m)
 
-
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, task_ids, max_new_tokens: int,
                  synced_gpus: bool = False) -> torch.Tensor:

@@ -164,6 +164,9 @@ def test_bad_files_and_rows_name_the_file_row_and_fix(tmp_path, suite):
     ("data.files.mnli.validation=x.jsonl", "data.files.mnli.validation: mnli reads the hub splits train, "
      "validation_mismatched, validation_matched; name its files by those"),
     ("data.files.rte.train=/nonexistent/rte.jsonl", "data.files.rte.train: file '/nonexistent/rte.jsonl' does not exist"),
+    ("data.hub.imdb=me/imdb", "data.hub.imdb: 'imdb' is not a suite task (mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
+     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq)"),
+    ("data.hub.boolq=a:b:c", "data.hub.boolq: expected 'owner/name' or 'owner/name:config'; got 'a:b:c'"),
     ("data.datasets_dir=/nonexistent", "data.datasets_dir: directory '/nonexistent' does not exist"),
     ("data.tasks=[rtee]", "unknown task 'rtee' in data.tasks. Suite tasks: mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
      "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq; synthetic tasks: mood, "
@@ -198,6 +201,11 @@ def test_hub_path_reads_a_local_copy_of_the_hub_dataset(tmp_path):
     task = load_task("rte", cfg, 0)
     assert len(task.train) == 10 and len(task.validation) == 3 and len(task.test) == 3
     assert task.train[1] == {"input": "rte sentence1: premise 1 sentence2: claim 1", "target": "1"}
+    # data.hub points a task at another dataset in the same columns (here: another local copy).
+    (tmp_path / "hub" / "me").mkdir()
+    (tmp_path / "hub" / "nyu-mll" / "glue").rename(tmp_path / "hub" / "me" / "glue-copy")
+    cfg = load_config(None, [f"data.datasets_dir={tmp_path / 'hub'}", "data.hub.rte=me/glue-copy:rte"]).data
+    assert load_task("rte", cfg, 0).train == task.train
     with pytest.raises(DataError, match=r"^task cola: could not load .*nyu-mll/glue \(cola, train\) with "
                                         r"datasets.load_dataset: .*Without network, give local files"):
         load_task("cola", cfg, 0)

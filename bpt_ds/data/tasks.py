@@ -64,6 +64,11 @@ def check_data_files(cfg: DataConfig) -> None:
         if missing:
             raise ConfigError(f"data.files.{name} lacks {', '.join(missing)}: {name} needs files for the hub "
                               f"splits {', '.join(spec.hub_splits)} (dev and test are made from them)")
+    for name, source in cfg.hub.items():
+        if name not in REGISTRY:
+            raise ConfigError(f"data.hub.{name}: '{name}' is not a suite task ({', '.join(REGISTRY)})")
+        if not source.split(":")[0].strip() or source.count(":") > 1:
+            raise ConfigError(f"data.hub.{name}: expected 'owner/name' or 'owner/name:config'; got {source!r}")
     if cfg.datasets_dir is not None and not Path(cfg.datasets_dir).is_dir():
         raise ConfigError(f"data.datasets_dir: directory '{cfg.datasets_dir}' does not exist")
 
@@ -101,6 +106,9 @@ def _suite_rows(spec, split: str, cfg: DataConfig) -> list[dict]:
 
     files = cfg.files.get(spec.name)
     path, config = spec.hub
+    if spec.name in cfg.hub:
+        path, _, other = cfg.hub[spec.name].partition(":")
+        config = other or None
     if files:
         where = files[split]
         ds = _read_file(where, f"data.files.{spec.name}.{split}")

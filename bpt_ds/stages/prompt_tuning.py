@@ -8,7 +8,8 @@ Features, and how each is switched on:
 - gradient accumulation: train.global_batch_size / (train.micro_batch_size x ranks)
   (micro-batch null: the largest divisor of global / ranks up to 16)
 - learning-rate schedule: train.schedule, train.warmup_steps
-- evaluation (rank classification) every train.eval_every steps (and at step 0 with
+- evaluation (rank classification, or generation for QA and data.eval_mode=generate; the
+  metrics of bpt_ds.metrics) every train.eval_every steps (and at step 0 with
   train.eval_at_start); early stopping: train.patience
 - checkpoints of trainable state every train.save_every steps; resume: train.resume=auto
 - activation checkpointing of the frozen backbone: model.gradient_checkpointing
@@ -400,7 +401,7 @@ class PromptTuning:
                 if key != "examples":
                     self.writer.add_scalar(f"{split}/{task}/{key}", value, self.step)
         summary = ", ".join(
-            f"{task} " + " ".join(f"{k} {v[k]:.4f}" for k in self._task_metrics[task])
+            f"{task} " + " ".join(f"{k} {x:.4f}" for k, x in v.items() if k not in ("score", "examples", "invalid"))
             + (f" ({v['invalid']} of {v['examples']} predictions invalid)" if v["invalid"] else "")
             for task, v in metrics.items())
         ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
@@ -411,7 +412,6 @@ class PromptTuning:
         """Scores the dev set; when its mean task score improves, also the test set (the reported
         numbers are the test scores at the best dev step) and prompts_best.safetensors. Returns
         True when early stopping says stop."""
-        self._task_metrics = {t.name: t.metrics for t in self.eval_tasks}
         metrics = self._scores(self.eval_tasks)
         self.last_metrics, self.last_eval_step = metrics, self.step
         self._log_scores("dev", metrics)
@@ -460,6 +460,9 @@ class PromptTuning:
             eng.atomic_write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))
             self._info(f"done at step {self.step}. Outputs in {self.out.resolve()}:")
             self._info(f"  prompts      {self.out / 'prompts.safetensors'}")
+            if self.selected:
+                self._info(f"  best prompts {self.out / 'prompts_best.safetensors'} (step {self.selected['step']}, "
+                           "the step metrics.json reports)")
             self._info(f"  metrics      {self.out / 'metrics.json'}")
             self._info(f"  config       {self.out / 'config.yaml'}")
             self._info(f"  checkpoints  {self.engine.checkpoint_dir()}")
