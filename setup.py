@@ -27,5 +27,9 @@ setup(
         "scikit-learn>=1.3",
         "scipy>=1.10",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # Hugging Face peft: export / import of prompt adapters (python -m bpt_ds.peft_io). Tested: 0.21.
+        "peft": ["peft>=0.13"],
+        "test": ["pytest>=8", "peft>=0.13"],
+    },
 )

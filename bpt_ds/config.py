@@ -37,6 +37,10 @@ class FactorsConfig:
     # Rank r of the per-task low-rank factors U_t [l, r], V_t [r, d]; 0 switches them off.
     rank: int = 0
     init_std: float = 0.01
+    # When prompt.init_file holds factors of other (source) tasks, e.g. an mpt-distill run:
+    # null starts this run's tasks from fresh factors (a task of the same name keeps its own),
+    # "mean" from the source tasks' mean U and mean V, a task name from that task's U and V.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -186,8 +190,29 @@ class PriorConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Stage mpt-distill (algorithms.md §3): the student S ∘ (U_k V_k) learns from teacher k.
+
+    loss = L_PLM + weight · (L_logits + L_hidden), per example of task k:
+    L_logits: KL(softmax(z_teacher / τ) || softmax(z_student / τ)) over the vocabulary, averaged
+    over target positions; L_hidden: mean squared error of the chosen hidden states. MPT's own
+    λ and τ were not verified here; tune them on your tasks."""
+
+    # The mpt-teachers run (its prompts.safetensors, or the run directory): teacher.<task> per task.
+    teachers: Optional[str] = None
+    weight: float = 1.0                     # λ
+    temperature: float = 1.0                # τ
+    # Which hidden states L_hidden compares: the decoder's last (at target positions), the
+    # encoder's last (at prompt and input positions), or none (no hidden-state term).
+    hidden: Literal["decoder_last", "encoder_last", "none"] = "decoder_last"
+    # Each step draws K' uniformly from [min_tasks, K], then K' of the K source tasks, and fills
+    # the global batch from them.
+    min_tasks: int = 2
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["pt", "spot", "bmtpt-source", "target"] = "pt"
+    stage: Literal["pt", "spot", "bmtpt-source", "target", "mpt-teachers", "mpt-distill"] = "pt"
     seed: int = 42
     output_dir: str = "runs/default"
     # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
@@ -198,6 +223,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     svgd: SVGDConfig = field(default_factory=SVGDConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
@@ -456,6 +482,13 @@ def build_config(raw: dict) -> RunConfig:
     if raw.get("stage") in FROM_FILE_STAGES and isinstance(raw.get("prompt", {}), dict):
         # SPoT and target start from an earlier run's prompt: that is their init unless the user says otherwise.
         raw.setdefault("prompt", {}).setdefault("init", "file")
+    if raw.get("stage") == "mpt-teachers" and isinstance(raw.get("prompt", {}), dict) \
+            and isinstance(raw.get("data", {}), dict) and isinstance(raw.get("data", {}).get("tasks"), list):
+        # One teacher per source task, as K particles.
+        raw.setdefault("prompt", {}).setdefault("particles", len(raw["data"]["tasks"]))
+    if raw.get("stage") == "mpt-distill" and isinstance(raw.get("prompt", {}), dict) \
+            and isinstance(raw.get("prompt", {}).get("factors", {}), dict):
+        raw.setdefault("prompt", {}).setdefault("factors", {}).setdefault("rank", 1)  # MPT's rank-one factors
     cfg = _build(RunConfig, raw)
     validate(cfg)
     return cfg
@@ -546,6 +579,36 @@ def validate(cfg: RunConfig) -> None:
     if pr.beta > 0:
         _require(cfg.stage == "target", f"prior.beta={pr.beta} applies to stage 'target' only; "
                                         f"this run is stage '{cfg.stage}' (set prior.beta=0)")
+    di = cfg.distill
+    if cfg.stage == "mpt-teachers":
+        _require(p.particles == len(d.tasks),
+                 f"stage 'mpt-teachers' trains one teacher prompt per task of data.tasks ({len(d.tasks)}) as "
+                 f"particles: set prompt.particles={len(d.tasks)} (or leave it unset)")
+        _require(len(set(d.tasks)) == len(d.tasks), "stage 'mpt-teachers': data.tasks names a task twice")
+        _require(p.factors.rank == 0, "stage 'mpt-teachers' trains plain prompts: set prompt.factors.rank=0")
+        _require(all(n in d.tasks for n in d.eval_tasks or []),
+                 "stage 'mpt-teachers' evaluates each teacher on its own task: data.eval_tasks must be "
+                 "among data.tasks (or unset)")
+        require_batch_per_particle(t.global_batch_size, p.particles)
+    if cfg.stage == "mpt-distill":
+        _require(di.teachers is not None, "stage 'mpt-distill' needs distill.teachers: the output directory "
+                                          "(or prompts.safetensors) of an mpt-teachers run")
+        _require(p.particles == 1, "stage 'mpt-distill' learns one shared prompt: set prompt.particles=1")
+        _require(p.factors.rank >= 1, "stage 'mpt-distill' learns S ∘ (U_k V_k): prompt.factors.rank must be "
+                                      ">= 1 (MPT uses 1)")
+        _require(2 <= di.min_tasks <= max(2, len(d.tasks)),
+                 f"config key 'distill.min_tasks' must be in 2..{len(d.tasks)} (the number of data.tasks); "
+                 f"got {di.min_tasks}")
+        _require(len(d.tasks) >= 2, "stage 'mpt-distill' mixes at least 2 source tasks per batch: "
+                                    "data.tasks needs 2 or more")
+    for key, value in [("distill.weight", di.weight), ("distill.temperature", di.temperature)]:
+        _require(math.isfinite(value) and value >= 0 and (value > 0 or key == "distill.weight"),
+                 f"config key '{key}' must be a finite number {'>= 0' if key == 'distill.weight' else '> 0'}; "
+                 f"got {value}")
+    if p.factors.init_from is not None:
+        _require(p.init == "file" and p.factors.rank > 0,
+                 "prompt.factors.init_from takes factors from prompt.init_file: set prompt.init=file (or stage "
+                 "target) and prompt.factors.rank >= 1")
     for name, local in d.local.items():
         _require(local.train is not None or local.validation is not None,
                  f"data.local.{name} needs a file: set data.local.{name}.train and/or .validation")

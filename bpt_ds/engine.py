@@ -195,39 +195,49 @@ GradHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class StepStats:
-    """Loss sums and row counts of one rank, per particle and per task (for logging)."""
+    """Loss sums and row counts of one rank, per particle and per task, and per task for each
+    extra loss term a model reports (mpt-distill's plm / logits_kl / hidden_mse), for logging."""
 
     particle_sum: torch.Tensor
     particle_rows: torch.Tensor
     task_sum: torch.Tensor
     task_rows: torch.Tensor
+    terms: tuple = ()
+    term_sum: Optional[torch.Tensor] = None   # [len(terms), tasks]
 
     @classmethod
-    def zeros(cls, particles: int, tasks: int, device) -> "StepStats":
-        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(particles), z(particles), z(tasks), z(tasks))
+    def zeros(cls, particles: int, tasks: int, device, terms: tuple = ()) -> "StepStats":
+        z = lambda *n: torch.zeros(*n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(particles), z(particles), z(tasks), z(tasks), tuple(terms), z(len(terms), tasks))
 
-    def add(self, rows: torch.Tensor, particles: torch.Tensor, tasks: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, particles: torch.Tensor, tasks: torch.Tensor,
+            extra: Optional[dict] = None) -> None:
         rows = rows.double()
         self.particle_sum.index_add_(0, particles, rows)
         self.particle_rows.index_add_(0, particles, torch.ones_like(rows))
         self.task_sum.index_add_(0, tasks, rows)
         self.task_rows.index_add_(0, tasks, torch.ones_like(rows))
+        for i, name in enumerate(self.terms):
+            self.term_sum[i].index_add_(0, tasks, extra[name].double())
 
     def merge(self, other: "StepStats") -> None:
-        for f in ("particle_sum", "particle_rows", "task_sum", "task_rows"):
+        for f in ("particle_sum", "particle_rows", "task_sum", "task_rows", "term_sum"):
             getattr(self, f).add_(getattr(other, f))
 
-    def reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss per particle, mean loss per task) over all ranks (collective); NaN where no rows."""
-        packed = torch.cat([self.particle_sum, self.particle_rows, self.task_sum, self.task_rows])
+    def reduced(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]:
+        """(mean loss per particle, mean loss per task, {term: (mean, mean per task)}) over all
+        ranks (collective); NaN where no rows."""
+        packed = torch.cat([self.particle_sum, self.particle_rows, self.task_sum, self.task_rows,
+                            self.term_sum.flatten()])
         if world_size() > 1:
             dist.all_reduce(packed)
         m, t = self.particle_sum.numel(), self.task_sum.numel()
-        ps, pr, ts, tr = packed.split([m, m, t, t])
+        ps, pr, ts, tr, terms = packed.split([m, m, t, t, len(self.terms) * t])
         nan = torch.tensor(float("nan"), dtype=packed.dtype, device=packed.device)
-        return (torch.where(pr > 0, ps / pr.clamp(min=1), nan).float().cpu(),
-                torch.where(tr > 0, ts / tr.clamp(min=1), nan).float().cpu())
+        per_task = lambda sums: torch.where(tr > 0, sums / tr.clamp(min=1), nan).float().cpu()  # noqa: E731
+        out = {name: ((row.sum() / tr.sum().clamp(min=1)).item(), per_task(row))
+               for name, row in zip(self.terms, terms.view(len(self.terms), t))}
+        return torch.where(pr > 0, ps / pr.clamp(min=1), nan).float().cpu(), per_task(ts), out
 
 
 # ------------------------------------------------------------------ placement
@@ -326,17 +336,20 @@ class Engine:
         """
         self.ds.train()
         bank = self.model.bank
-        stats = StepStats.zeros(bank.num_particles, len(bank.tasks) or 1, self.device)
+        stats = None
         for mb in micro_batches:
             mb = self._to_device(mb)
-            rows, particles = self.ds(**mb)
+            rows, particles, *extra = self.ds(**mb)
+            extra = extra[0] if extra else {}
+            if stats is None:
+                stats = StepStats.zeros(bank.num_particles, len(bank.tasks) or 1, self.device, tuple(extra))
             self.ds.backward((rows * row_weight).sum())
             if grad_hook is not None and self.ds.is_gradient_accumulation_boundary():
                 started = time.perf_counter()
                 self._apply_grad_hook(grad_hook)
                 self.hook_seconds += time.perf_counter() - started
             self.ds.step()
-            stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]))
+            stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]), extra)
         return stats
 
     def _apply_grad_hook(self, hook: "GradHook") -> None:

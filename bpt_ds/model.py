@@ -46,6 +46,13 @@ class PromptedT5(nn.Module):
             particle_ids = torch.arange(m, device=labels.device).repeat_interleave(input_ids.shape[0])
         return per_example_loss(logits, labels), particle_ids
 
+    def logits(self, input_ids, attention_mask, labels, task_ids) -> torch.Tensor:
+        """Decoder logits [B, L, V] for the targets `labels` under the particle-mean prompt
+        (teacher forcing); what a peft adapter with the same weights must reproduce."""
+        embeds, mask = self._prompted_inputs(input_ids, attention_mask, task_ids, aggregate=True)
+        decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+        return self.backbone(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+
     @torch.no_grad()
     def score_candidates(self, input_ids, attention_mask, task_ids, candidates,
                          ensemble: bool = False) -> torch.Tensor:
@@ -101,3 +108,55 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
                          ignore_index=IGNORE, reduction="none").view(labels.shape)
     keep = (labels != IGNORE).float()
     return (ce * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+class DistilledT5(PromptedT5):
+    """Stage mpt-distill: the student prompt S ∘ (U_k V_k) learns from task k's frozen teacher
+    prompt on the same frozen backbone (algorithms.md §3).
+
+    Each step runs the teacher rows first, under no_grad (no activations kept, no second copy of
+    the backbone: the same module runs twice), then the student rows. A row's loss is
+        L_PLM + weight · (L_logits + L_hidden)
+    with L_logits the KL(teacher_τ || student_τ) over the vocabulary, averaged over the row's
+    target positions, and L_hidden the mean squared error of the chosen hidden states averaged
+    over positions and features. forward also returns the three terms per row, for logging.
+    """
+
+    def __init__(self, backbone: nn.Module, bank: PromptBank, teachers: torch.Tensor, weight: float,
+                 temperature: float, hidden: str):
+        super().__init__(backbone, bank)
+        # [T, l, d], one row per task of the bank (zeros for tasks without a teacher); a buffer,
+        # so it is neither trained nor partitioned, and not saved in checkpoints.
+        self.register_buffer("teachers", teachers, persistent=False)
+        self.weight, self.temperature, self.hidden = weight, temperature, hidden
+
+    def forward(self, input_ids, attention_mask, labels, task_ids, particle_ids=None):
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+        want_hidden = self.hidden == "decoder_last"
+        with torch.no_grad():
+            t_embeds, t_mask = prepend_prompts(self.teachers[task_ids][None], embeds, attention_mask)
+            teacher = self.backbone(inputs_embeds=t_embeds, attention_mask=t_mask, decoder_input_ids=decoder_input_ids,
+                                    output_hidden_states=want_hidden)
+        s_embeds, s_mask = prepend_prompts(self.bank(task_ids), embeds, attention_mask)
+        student = self.backbone(inputs_embeds=s_embeds, attention_mask=s_mask, decoder_input_ids=decoder_input_ids,
+                                output_hidden_states=want_hidden)
+        keep = (labels != IGNORE).float()
+        tokens = keep.sum(1).clamp(min=1.0)
+        plm = per_example_loss(student.logits, labels)
+        tau = self.temperature
+        log_s = torch.log_softmax(student.logits.float() / tau, dim=-1)
+        log_t = torch.log_softmax(teacher.logits.float() / tau, dim=-1)
+        kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * keep).sum(1) / tokens
+        if self.hidden == "decoder_last":
+            diff = (student.decoder_hidden_states[-1].float() - teacher.decoder_hidden_states[-1].float()) ** 2
+            mse = (diff.mean(-1) * keep).sum(1) / tokens
+        elif self.hidden == "encoder_last":
+            diff = (student.encoder_last_hidden_state.float() - teacher.encoder_last_hidden_state.float()) ** 2
+            m = s_mask.float()
+            mse = (diff.mean(-1) * m).sum(1) / m.sum(1)
+        else:
+            mse = torch.zeros_like(kl)
+        rows = plm + self.weight * (kl + mse)
+        particles = torch.zeros_like(task_ids)
+        return rows, particles, {"plm": plm.detach(), "logits_kl": kl.detach(), "hidden_mse": mse.detach()}

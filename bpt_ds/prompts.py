@@ -21,6 +21,9 @@ class PromptBank(nn.Module):
         self.tasks = list(tasks)
         self.rank = rank
         self.particles = nn.Parameter(torch.zeros(num_particles, length, dim))
+        # Stage mpt-teachers: particle k is task k's own prompt; evaluation then runs each
+        # example under its task's particle instead of the particle mean.
+        self.task_particles = False
         # Kept as ints: under ZeRO-3 a partitioned parameter's own .shape is empty.
         self.shape = (num_particles, length, dim)
         if rank > 0:
@@ -62,13 +65,15 @@ class PromptBank(nn.Module):
         self.particles.copy_(rows.to(self.particles.dtype))
 
     @torch.no_grad()
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str, pick: Optional[int] = None) -> None:
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str, pick: Optional[int] = None,
+                     factors_from: Optional[str] = None) -> None:
         """Loads `particles` (and factors of matching tasks) from a prompts file's tensors.
 
         The file's particles [F, l, d] map onto this bank's M as follows: pick=k starts
         every particle from the file's particle k; otherwise F == M copies them, F == 1
         starts every particle from it, and M == 1 starts from their mean (the aggregate
-        of a BMTPT posterior). Factors are taken for tasks present in both, if any.
+        of a BMTPT posterior). Factors are taken for tasks present in both, if any, or, with
+        factors_from, for every task from one source task or the sources' mean (_load_factors).
         """
         if "particles" not in tensors:
             raise ValueError(f"{source} has no 'particles' tensor (keys: {sorted(tensors)})")
@@ -92,19 +97,50 @@ class PromptBank(nn.Module):
             src = src.mean(0, keepdim=True)
         self.particles.copy_(src.expand(m, l, d).to(self.particles.dtype))
         if self.rank > 0:
+            self._load_factors(tensors, source, factors_from)
+
+    def _load_factors(self, tensors: dict[str, torch.Tensor], source: str, factors_from: Optional[str]) -> None:
+        """Factors from a file: by task name, or for every task from one source task's U and V
+        (factors_from=<task>) or from the mean U and mean V over the file's tasks ("mean")."""
+        names = sorted(k[len("factors."):-len(".U")] for k in tensors if k.startswith("factors.") and k.endswith(".U"))
+        shape_u, shape_v = tuple(self.factor_u.shape[1:]), tuple(self.factor_v.shape[1:])
+        for name in names:
+            u, v = tensors[f"factors.{name}.U"], tensors.get(f"factors.{name}.V")
+            if v is None or tuple(u.shape) != shape_u or tuple(v.shape) != shape_v:
+                if factors_from is None and name not in self.tasks:
+                    continue
+                raise ValueError(f"{source}: factors of task '{name}' have shapes {tuple(u.shape)} and "
+                                 f"{None if v is None else tuple(v.shape)}; this run needs U {shape_u} and "
+                                 f"V {shape_v} (prompt.length, prompt.factors.rank, the backbone's d_model)")
+        if factors_from is None:
             for i, task in enumerate(self.tasks):
-                u, v = tensors.get(f"factors.{task}.U"), tensors.get(f"factors.{task}.V")
-                if u is not None and v is not None and u.shape == self.factor_u.shape[1:] \
-                        and v.shape == self.factor_v.shape[1:]:
-                    self.factor_u[i].copy_(u)
-                    self.factor_v[i].copy_(v)
+                if task in names:
+                    self.factor_u[i].copy_(tensors[f"factors.{task}.U"])
+                    self.factor_v[i].copy_(tensors[f"factors.{task}.V"])
+            return
+        if not names:
+            raise ValueError(f"{source} holds no factors; prompt.factors.init_from={factors_from!r} needs a file "
+                             "written by a run with factors (e.g. mpt-distill)")
+        if factors_from == "mean":
+            u = torch.stack([tensors[f"factors.{n}.U"] for n in names]).mean(0)
+            v = torch.stack([tensors[f"factors.{n}.V"] for n in names]).mean(0)
+        elif factors_from in names:
+            u, v = tensors[f"factors.{factors_from}.U"], tensors[f"factors.{factors_from}.V"]
+        else:
+            raise ValueError(f"{source} has no factors of task '{factors_from}' (prompt.factors.init_from); "
+                             f"its tasks: {', '.join(names)}, or 'mean'")
+        self.factor_u.copy_(u.expand_as(self.factor_u))
+        self.factor_v.copy_(v.expand_as(self.factor_v))
 
     # --------------------------------------------------------------- forward
     def forward(self, task_ids: torch.Tensor, aggregate: bool = False,
                 particle_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Prompts for a batch: [M, B, l, d] (every particle on every example), [1, B, l, d]
         for the particle mean (aggregate=True), or [1, B, l, d] with example b under
-        particle particle_ids[b] (each particle on its own examples, as SVGD places them)."""
+        particle particle_ids[b] (each particle on its own examples, as SVGD places them).
+        With task_particles, aggregate=True runs example b under particle task_ids[b]."""
+        if aggregate and self.task_particles:
+            particle_ids = task_ids
         if particle_ids is not None:
             s = self.particles[particle_ids][None]                     # [1, B, l, d]
         else:
@@ -145,10 +181,15 @@ def prepend_prompts(prompts: torch.Tensor, embeds: torch.Tensor, mask: torch.Ten
 
 
 def load_prompts_file(path: str | Path, key: str = "prompt.init_file") -> dict[str, torch.Tensor]:
-    """The tensors of a prompts.safetensors file; a run's output directory stands for the file in it."""
+    """The tensors of a prompts.safetensors file; a run's output directory stands for the file in it,
+    and a peft prompt-tuning adapter directory is converted (bpt_ds.peft_io)."""
     from safetensors.torch import load_file
 
     p = Path(path)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        from .peft_io import import_peft  # a peft prompt-tuning adapter directory
+
+        return import_peft(str(p))
     if p.is_dir():
         p = p / "prompts.safetensors"
         if not p.is_file():

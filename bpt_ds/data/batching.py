@@ -116,3 +116,62 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 def pad_candidates(label_ids: list[list[int]]) -> torch.Tensor:
     return _pad(label_ids, IGNORE)
+
+
+class TaskBlockSampler:
+    """Block k of the global batch comes from task k (stage mpt-teachers: teacher k = particle k
+    owns block k, engine.Placement "split"). Block positions p = step·b + i walk task k's own
+    epoch permutations, seeded by (seed, k, epoch): a pure function of (seed, step)."""
+
+    def __init__(self, sizes: list[int], global_batch: int, seed: int):
+        if any(n == 0 for n in sizes):
+            raise ValueError("every task of data.tasks needs training examples")
+        if global_batch % len(sizes):
+            raise ValueError(f"train.global_batch_size ({global_batch}) must be a multiple of the "
+                             f"{len(sizes)} tasks")
+        self.sizes, self.block, self.seed = sizes, global_batch // len(sizes), seed
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, task: int, epoch: int) -> np.ndarray:
+        key = (task, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 4 * len(self.sizes):
+                self._perms.clear()
+            self._perms[key] = np.random.default_rng([self.seed, task, epoch]).permutation(self.sizes[task])
+        return self._perms[key]
+
+    def global_batch_at(self, step: int) -> list[tuple[int, int]]:
+        out = []
+        for task, n in enumerate(self.sizes):
+            for p in range(step * self.block, (step + 1) * self.block):
+                out.append((task, int(self._perm(task, p // n)[p % n])))
+        return out
+
+
+class TaskSubsetSampler:
+    """MPT's multitask batches (stage mpt-distill): each step draws K' uniformly from
+    [min_tasks, K], then K' distinct tasks, and fills the global batch with examples drawn from
+    them in equal shares (the first tasks take the remainder). A pure function of (seed, step)."""
+
+    def __init__(self, sizes: list[int], global_batch: int, seed: int, min_tasks: int = 2):
+        if any(n == 0 for n in sizes):
+            raise ValueError("every task of data.tasks needs training examples")
+        self.sizes, self.global_batch, self.seed = sizes, global_batch, seed
+        self.min_tasks = min(min_tasks, len(sizes))
+
+    def tasks_at(self, step: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, step, 7])
+        k = int(rng.integers(self.min_tasks, len(self.sizes) + 1))
+        return sorted(int(t) for t in rng.choice(len(self.sizes), size=k, replace=False))
+
+    def global_batch_at(self, step: int) -> list[tuple[int, int]]:
+        tasks = self.tasks_at(step)
+        rng = np.random.default_rng([self.seed, step, 11])
+        base, extra = divmod(self.global_batch, len(tasks))
+        out = []
+        for j, task in enumerate(tasks):
+            count = base + (j < extra)
+            n = self.sizes[task]
+            picks = rng.choice(n, size=count, replace=count > n)
+            out += [(task, int(i)) for i in picks]
+        return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .bmtpt import BMTPTSource, Target
+from .mpt import MPTDistill, MPTTeachers, check_teacher_world
 from .prompt_tuning import PromptTuning, finished
 
 STAGES = {
@@ -9,6 +10,8 @@ STAGES = {
     "spot": PromptTuning,  # SPoT is prompt tuning whose prompt starts from an earlier run's file
     "bmtpt-source": BMTPTSource,
     "target": Target,
+    "mpt-teachers": MPTTeachers,
+    "mpt-distill": MPTDistill,
 }
 
 
@@ -40,6 +43,8 @@ def run_pipeline(runs: list, say=print) -> None:
     # WORLD_SIZE; a plain python run is one rank).
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for _, cfg in runs:
+        if cfg.stage == "mpt-teachers":
+            check_teacher_world(cfg, world)
         Placement.make(STAGES[cfg.stage].placement_mode, cfg.prompt.particles, world, cfg.train.global_batch_size)
     rerun = False
     for i, (name, cfg) in enumerate(runs):

@@ -72,6 +72,8 @@ def input_digests(cfg: RunConfig) -> dict[str, str]:
         files.append(cfg.prompt.init_file)
     if cfg.prior.beta > 0:
         files.append(cfg.prior.file or cfg.prompt.init_file)
+    if cfg.stage == "mpt-distill" and cfg.distill.teachers:
+        files.append(cfg.distill.teachers)
     out = {}
     for name in files:
         path = Path(name) / "prompts.safetensors" if Path(name).is_dir() else Path(name)
@@ -124,6 +126,7 @@ class PromptTuning:
         self.is_main = self.rank == 0
         torch.manual_seed(cfg.seed)
         ds_config = eng.resolve_ds_config(cfg, self.world)
+        self.adjust_ds_config(ds_config)
         self.placement = eng.Placement.make(self.placement_mode, cfg.prompt.particles, self.world,
                                             cfg.train.global_batch_size)
         if self.is_main:
@@ -174,14 +177,13 @@ class PromptTuning:
         self.test_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "test",
                                        d.max_source_length, d.max_target_length)
                            for n in eval_names if raw[n].validation and raw[n].test]
-        self.sampler = MixtureSampler([len(t.inputs) for t in self.train_tasks],
-                                      cfg.train.global_batch_size, cfg.seed)
+        self.sampler = self.make_sampler([len(t.inputs) for t in self.train_tasks])
         p = cfg.prompt
         bank = PromptBank(p.particles, p.length, AutoConfig.from_pretrained(model_path).d_model,
                           tasks=self.task_names, rank=p.factors.rank, factor_init_std=p.factors.init_std)
         if p.init == "file":
             try:
-                bank.load_tensors(init_tensors, p.init_file, pick=p.init_particle)
+                bank.load_tensors(init_tensors, p.init_file, pick=p.init_particle, factors_from=p.factors.init_from)
             except ValueError as e:
                 raise ConfigError(f"prompt.init_file: {e}") from None
 
@@ -200,7 +202,7 @@ class PromptTuning:
             bank.init_rows(rows.view(p.particles, p.length, -1))
         self.after_init(bank)
         self.bank_size = bank.size()
-        self.engine = eng.Engine(cfg, PromptedT5(backbone.model, bank), ds_config)
+        self.engine = eng.Engine(cfg, self.make_model(backbone.model, bank), ds_config)
         self._check_trainable(backbone.model)
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.row_weight = self.placement.row_weight(ds_config["gradient_accumulation_steps"])
@@ -264,6 +266,21 @@ class PromptTuning:
         return f"particles [{shape}]: {where}; {stored}"
 
     # -------------------------------------------------------- stage hooks
+    def adjust_ds_config(self, ds_config: dict) -> None:
+        """Stage-specific changes to the resolved DeepSpeed config (saved as ds_config.json)."""
+
+    def make_sampler(self, sizes: list[int]):
+        """Which (task, example) pairs make the global batch of each step."""
+        return MixtureSampler(sizes, self.cfg.train.global_batch_size, self.cfg.seed)
+
+    def make_model(self, backbone, bank: PromptBank) -> PromptedT5:
+        """The module DeepSpeed wraps: the frozen backbone with the prompt bank in front."""
+        return PromptedT5(backbone, bank)
+
+    def exported(self, tensors: dict) -> dict:
+        """The tensors of prompts.safetensors (stage-specific additions)."""
+        return tensors
+
     def check_inputs(self, bank: PromptBank) -> None:
         """Cheap, stage-specific checks of files and values; runs before the backbone loads."""
 
@@ -328,10 +345,10 @@ class PromptTuning:
             window_tokens += sum(len(self.train_tasks[k].inputs[i]) + len(self.train_tasks[k].targets[i])
                                  for k, i in picks)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                particle_loss, task_loss = window.reduced()
+                particle_loss, task_loss, terms = window.reduced()
                 elapsed = time.perf_counter() - window_start
                 self._log_train(particle_loss, task_loss, window_samples / elapsed, window_tokens / elapsed,
-                                self.engine.hook_seconds / elapsed)
+                                self.engine.hook_seconds / elapsed, terms)
                 self.engine.hook_seconds = 0.0
                 bar.set_postfix(loss=f"{particle_loss.mean().item():.4f}")
                 window, window_samples, window_tokens = None, 0, 0
@@ -350,17 +367,23 @@ class PromptTuning:
         bar.close()
 
     def _log_train(self, loss: torch.Tensor, task_loss: torch.Tensor, samples_per_s: float,
-                   tokens_per_s: float, hook_share: float) -> None:
+                   tokens_per_s: float, hook_share: float, terms: Optional[dict] = None) -> None:
         if not self.is_main:
             return
         w, s = self.writer, self.step
         w.add_scalar("train/loss", loss.mean().item(), s)
+        for name, (mean, per_task) in (terms or {}).items():
+            w.add_scalar(f"train/{name}", mean, s)
+            for task in self.train_tasks:
+                if not torch.isnan(per_task[task.task_id]):
+                    w.add_scalar(f"train/{name}/{task.name}", per_task[task.task_id].item(), s)
         if loss.numel() > 1:
             for m, value in enumerate(loss.tolist()):
                 w.add_scalar(f"train/loss_particle_{m}", value, s)
         if len(self.train_tasks) > 1:
             for task in self.train_tasks:
-                w.add_scalar(f"train/loss_task/{task.name}", task_loss[task.task_id].item(), s)
+                if not torch.isnan(task_loss[task.task_id]):  # mpt-distill: a task may sit out a window
+                    w.add_scalar(f"train/loss_task/{task.name}", task_loss[task.task_id].item(), s)
         for key, value in self.extra_scalars().items():
             w.add_scalar(key, value, s)
         w.add_scalar("train/lr", self.engine.lr(), s)
@@ -422,7 +445,7 @@ class PromptTuning:
             if test:
                 self._log_scores("test", test)
             self.selected = {"step": self.step, "dev": metrics, "test": test}
-            tensors = self.engine.model.bank.export(self.engine.full_trainable_tensors())
+            tensors = self.exported(self.engine.model.bank.export(self.engine.full_trainable_tensors()))
             if self.is_main:
                 from safetensors.torch import save_file
 
@@ -443,7 +466,7 @@ class PromptTuning:
     def finish(self) -> dict:
         if self.eval_tasks and self.last_eval_step != self.step:
             self._evaluate()
-        tensors = self.engine.model.bank.export(self.engine.full_trainable_tensors())
+        tensors = self.exported(self.engine.model.bank.export(self.engine.full_trainable_tensors()))
         if self.is_main:
             from safetensors.torch import save_file
 

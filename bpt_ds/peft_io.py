@@ -1,0 +1,196 @@
+"""Hugging Face peft adapters to and from bpt_ds prompt files.
+
+    python -m bpt_ds.peft_io export RUN_DIR_OR_PROMPTS ADAPTER_DIR [--particle K] [--base-model NAME]
+    python -m bpt_ds.peft_io import ADAPTER_DIR PROMPTS.safetensors
+
+The mapping (what `PeftModel.from_pretrained(t5, ADAPTER_DIR)` then computes is what bpt_ds
+computes with the same weights):
+
+| bpt_ds                                   | peft                                                  |
+| ---------------------------------------- | ----------------------------------------------------- |
+| `particles` [1, l, d] (S)                | `prompt_embeddings` [l, d] (the prompt embedding)      |
+| `factors.<task>.U` [l, r], in task order | `prefix_task_cols` [T, l, r]                          |
+| `factors.<task>.V` [r, d], in task order | `prefix_task_rows` [T, r, d]                          |
+| prompt = S ∘ (U_t V_t), encoder only     | MultitaskPromptTuningConfig, num_transformer_submodules=1 |
+| prompt = S, encoder only                 | PromptTuningConfig, num_transformer_submodules=1      |
+
+bpt_ds prompts the encoder only. peft's default for seq2seq models is two submodules
+(encoder and decoder rows, 2l in all); the export sets num_transformer_submodules=1 so the
+adapter holds exactly the l encoder rows. On import, a plain prompt-tuning adapter with two
+submodules keeps its first l rows (peft's seq2seq forward feeds only those to the encoder);
+a multitask adapter with two submodules also prompts the decoder, which bpt_ds does not
+model, and is refused. peft knows tasks by index: the export writes the order to tasks.json
+(and prints it), and the import reads it back. Several particles (a BMTPT posterior, MPT
+teachers) export one at a time (--particle k) or as their mean.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+TASKS_FILE = "tasks.json"
+
+
+class PeftIOError(ValueError):
+    """A prompt file or adapter cannot be converted; the message names the file and the fix."""
+
+
+def _factor_tasks(tensors: dict) -> list[str]:
+    return [k[len("factors."):-len(".U")] for k in tensors if k.startswith("factors.") and k.endswith(".U")]
+
+
+def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, particle: Optional[int] = None,
+                tasks: Optional[list[str]] = None) -> dict:
+    """Writes adapter_config.json, adapter_model.safetensors and tasks.json; returns a summary."""
+    from peft import MultitaskPromptTuningConfig, PromptTuningConfig
+    from safetensors.torch import save_file
+
+    from .prompts import load_prompts_file
+
+    src = Path(source)
+    tensors = load_prompts_file(source, key="export source")
+    run_dir = src if src.is_dir() else src.parent
+    if base_model is None:
+        base_model = _run_base_model(run_dir)
+    particles = tensors["particles"]
+    m, length, dim = particles.shape
+    if particle is not None:
+        if not 0 <= particle < m:
+            raise PeftIOError(f"{source} holds {m} particles; --particle must be in 0..{m - 1}")
+        shared = particles[particle]
+    else:
+        shared = particles.mean(0)  # one particle: itself; several: their mean (the BMTPT aggregate)
+    names = tasks or _task_order(run_dir, _factor_tasks(tensors))
+    common = dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=length, token_dim=dim,
+                  num_transformer_submodules=1, base_model_name_or_path=base_model)
+    weights = {"prompt_embeddings": shared.float().contiguous()}
+    if names:
+        u = torch.stack([tensors[f"factors.{t}.U"] for t in names]).float()
+        v = torch.stack([tensors[f"factors.{t}.V"] for t in names]).float()
+        config = MultitaskPromptTuningConfig(**common, num_tasks=len(names), num_ranks=u.shape[-1],
+                                             prompt_tuning_init="RANDOM")
+        weights["prefix_task_cols"], weights["prefix_task_rows"] = u.contiguous(), v.contiguous()
+    else:
+        config = PromptTuningConfig(**common, prompt_tuning_init="RANDOM")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    (out / TASKS_FILE).write_text(json.dumps(names) + "\n")
+    return {"type": type(config).__name__, "tasks": names, "shape": [length, dim], "particles": m}
+
+
+def _run_base_model(run_dir: Path) -> Optional[str]:
+    """The backbone a run used (its config.yaml), as a path or hub name peft can record."""
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    name = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("name_or_path")
+    if name == "tiny":
+        from .backbone import resolve_model_path
+
+        return str(resolve_model_path("tiny", progress=False))
+    return name
+
+
+def _task_order(run_dir: Path, names: list[str]) -> list[str]:
+    """The run's task order (its config's data.tasks then data.eval_tasks) for the factor tasks."""
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file() and names:
+        import yaml
+
+        data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
+        order = list(dict.fromkeys((data.get("tasks") or []) + (data.get("eval_tasks") or [])))
+        if sorted(order) == sorted(names):
+            return order
+    return sorted(names)
+
+
+def import_peft(adapter_dir: str) -> dict[str, torch.Tensor]:
+    """bpt_ds tensors (particles, factors.<task>.U/V) from a peft prompt-tuning adapter."""
+    from peft import PeftConfig
+
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise PeftIOError(f"'{adapter_dir}' has no adapter_config.json: not a peft adapter directory")
+    config = PeftConfig.from_pretrained(str(d))
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind not in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"):
+        raise PeftIOError(f"{adapter_dir}: peft type {kind} is not prompt tuning; bpt_ds imports PROMPT_TUNING and "
+                          "MULTITASK_PROMPT_TUNING adapters")
+    weights = _adapter_weights(d)
+    emb = weights.get("prompt_embeddings")
+    if emb is None:
+        raise PeftIOError(f"{adapter_dir}: the adapter weights have no 'prompt_embeddings' (keys: {sorted(weights)})")
+    length = config.num_virtual_tokens
+    subs = config.num_transformer_submodules or 1
+    if emb.shape[0] != length * subs:
+        raise PeftIOError(f"{adapter_dir}: prompt_embeddings has {emb.shape[0]} rows; the config says "
+                          f"{length} virtual tokens x {subs} submodule(s)")
+    if subs == 2 and kind == "MULTITASK_PROMPT_TUNING":
+        raise PeftIOError(f"{adapter_dir}: a multitask adapter with num_transformer_submodules=2 also prompts the "
+                          "decoder, which bpt_ds does not; export it with num_transformer_submodules=1")
+    out = {"particles": emb[:length].float()[None].contiguous()}
+    if kind == "MULTITASK_PROMPT_TUNING":
+        cols, rows = weights["prefix_task_cols"].float(), weights["prefix_task_rows"].float()
+        names_file = d / TASKS_FILE
+        names = json.loads(names_file.read_text()) if names_file.is_file() else [f"task{i}" for i in range(cols.shape[0])]
+        if len(names) != cols.shape[0]:
+            raise PeftIOError(f"{names_file} names {len(names)} tasks; the adapter has {cols.shape[0]}")
+        for i, name in enumerate(names):
+            out[f"factors.{name}.U"] = cols[i, :length].contiguous()
+            out[f"factors.{name}.V"] = rows[i].contiguous()
+    return out
+
+
+def _adapter_weights(d: Path) -> dict[str, torch.Tensor]:
+    if (d / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(d / "adapter_model.safetensors"))
+    if (d / "adapter_model.bin").is_file():
+        return torch.load(str(d / "adapter_model.bin"), map_location="cpu", weights_only=True)
+    raise PeftIOError(f"'{d}' has no adapter_model.safetensors (or .bin)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bpt_ds.peft_io", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a run's prompts (or a prompts.safetensors) to a peft adapter directory")
+    ex.add_argument("source")
+    ex.add_argument("adapter_dir")
+    ex.add_argument("--particle", type=int, default=None, help="export particle K (default: the particles' mean)")
+    ex.add_argument("--base-model", default=None, help="recorded in adapter_config.json (default: the run's model)")
+    im = sub.add_parser("import", help="a peft prompt-tuning adapter to a bpt_ds prompts.safetensors "
+                                       "(use it as prompt.init_file)")
+    im.add_argument("adapter_dir")
+    im.add_argument("output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            info = export_peft(args.source, args.adapter_dir, args.base_model, args.particle)
+            tasks = ", ".join(f"{i}: {t}" for i, t in enumerate(info["tasks"])) or "none (one prompt)"
+            print(f"wrote {info['type']} adapter [{info['shape'][0]} x {info['shape'][1]}] to {args.adapter_dir}; "
+                  f"peft task_ids: {tasks}")
+        else:
+            from safetensors.torch import save_file
+
+            tensors = import_peft(args.adapter_dir)
+            save_file(tensors, args.output)
+            print(f"wrote {args.output}: {', '.join(f'{k} {list(v.shape)}' for k, v in tensors.items())}")
+    except (PeftIOError, FileNotFoundError) as e:
+        print(f"bpt_ds.peft_io: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
