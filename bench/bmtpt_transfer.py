@@ -1,4 +1,4 @@
-"""Transfer to a held-out task on the tiny backbone: PT vs SPoT vs BMTPT, same target steps and seeds.
+"""Transfer to a held-out task on the tiny backbone: PT vs SPoT vs BMTPT vs MPT, same target steps and seeds.
 
     python bench/bmtpt_transfer.py [--seeds 1 2 3] [--target-steps 100] [--out runs/bench-transfer]
 
@@ -8,6 +8,8 @@ Sources (trained once, seed 42, equal steps and global batch):
   spot-topic     prompt tuning on the unrelated task topic (control)
   bmtpt-topic    SVGD posterior on topic (control)
   bmtpt-src-tempered  as bmtpt-src with a small likelihood scale (--tempered-scale)
+  mpt-teachers   MPT's teachers: one prompt each for sentiment and mood, in one run
+  mpt-shared     MPT's shared prompt with rank-1 factors, distilled from mpt-teachers
 Targets (the held-out task polarity; every row: the same target steps, lr, batch and seeds):
   pt             random init
   spot           init from spot-src                 spot (unrelated)   init from spot-topic
@@ -17,6 +19,8 @@ Targets (the held-out task polarity; every row: the same target steps, lr, batch
   bmtpt+kde      the same, plus the particles' kernel density as prior
   bmtpt+gauss    the same, plus a diagonal Gaussian fitted to the particles as prior
   bmtpt (unrelated)  init: mean of bmtpt-topic particles
+  mpt            init: mpt-shared's prompt, fresh rank-1 factors (trained with it)
+  mpt (mean factors)  init: mpt-shared's prompt, factors from the sources' mean
 It prints accuracy at the start and after 10/20/30 steps and at the end, and steps to 80% accuracy (early
 accuracy is where transfer shows on this backbone: ../shared/design/tiny-backbone.md), as
 mean ± std over the seeds, then the command that reproduced it. All runs share one
@@ -65,6 +69,8 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=200)
     ap.add_argument("--out", default="runs/bench-transfer")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--methods", nargs="+", metavar="SUBSTRING",
+                    help="run only the target rows whose name contains one of these (e.g. PT SPoT MPT)")
     ap.add_argument("--reuse-sources", action="store_true",
                     help="keep source runs already in --out (same settings assumed) instead of retraining them")
     args = ap.parse_args()
@@ -85,13 +91,11 @@ def main() -> None:
         # repulsive term against the driving one.
         "bmtpt-src-tempered": ["stage=bmtpt-source", "data.tasks=[sentiment,mood]", "prompt.init=vocab",
                                f"prompt.particles={args.particles}", f"svgd.likelihood_scale={args.tempered_scale}"],
+        # MPT: teachers for the two related tasks in one run, then the shared prompt distilled from them.
+        "mpt-teachers": ["stage=mpt-teachers", "data.tasks=[sentiment,mood]", "prompt.init=vocab"],
+        "mpt-shared": ["stage=mpt-distill", "data.tasks=[sentiment,mood]", "prompt.init=vocab",
+                       f"distill.teachers={out / 'mpt-teachers'}"],
     }
-    for name, extra in sources.items():
-        if args.reuse_sources and (out / name / "prompts.safetensors").is_file():
-            continue
-        run([*common, *extra, "seed=42", f"train.steps={args.source_steps}", "train.lr=0.3",
-             "train.eval_every=0", f"output_dir={out / name}"])
-
     src = lambda name: str(out / name / "prompts.safetensors")  # noqa: E731
     methods = {
         "PT (random init)": ["stage=pt", "prompt.init=random"],
@@ -108,7 +112,22 @@ def main() -> None:
             ["stage=target", f"prompt.init_file={src('bmtpt-src')}", "prior.kind=gaussian-diagonal",
              f"prior.beta={args.gauss_beta}"],
         "BMTPT init, unrelated source": ["stage=target", f"prompt.init_file={src('bmtpt-topic')}"],
+        "MPT (shared prompt, fresh rank-1 factors)": ["stage=target", f"prompt.init_file={src('mpt-shared')}",
+                                                      "prompt.factors.rank=1"],
+        "MPT (shared prompt, mean source factors)": ["stage=target", f"prompt.init_file={src('mpt-shared')}",
+                                                     "prompt.factors.rank=1", "prompt.factors.init_from=mean"],
     }
+    if args.methods:
+        methods = {m: extra for m, extra in methods.items() if any(k in m for k in args.methods)}
+    # Train the sources the chosen rows start from (mpt-shared needs mpt-teachers first).
+    used = {name for name in sources for extra in methods.values() if f"prompt.init_file={src(name)}" in extra}
+    if "mpt-shared" in used:
+        used.add("mpt-teachers")
+    for name, extra in sources.items():
+        if name not in used or (args.reuse_sources and (out / name / "prompts.safetensors").is_file()):
+            continue
+        run([*common, *extra, "seed=42", f"train.steps={args.source_steps}", "train.lr=0.3",
+             "train.eval_every=0", f"output_dir={out / name}"])
     results: dict[str, list[dict]] = {}
     for i, (method, extra) in enumerate(methods.items()):
         for seed in args.seeds:
