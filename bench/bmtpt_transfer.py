@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -158,7 +159,7 @@ def main() -> None:
                      f"{cell(rows, 'acc@20', '.3f')} | "
                      f"{cell(rows, 'acc@30', '.3f')} | {cell(rows, 'final', '.3f')} | "
                      f"{cell(rows, 'steps_to_80', '.0f')} |")
-    command = "python bench/bmtpt_transfer.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse-sources")
+    command = "python bench/bmtpt_transfer.py " + shlex.join(a for a in sys.argv[1:] if a != "--reuse-sources")
     print()
     print(f"Target: polarity, {args.target_steps} steps, lr {args.target_lr}, batch 32, seeds {args.seeds}; "
           f"sources: {args.source_steps} steps, seed 42, {args.particles} particles for BMTPT. "

@@ -80,7 +80,7 @@ class DataConfig:
     tasks: list[str] = field(default_factory=lambda: ["polarity"])
     # Evaluation tasks; default: the training tasks.
     eval_tasks: Optional[list[str]] = None
-    # Your own tasks in {input, target} columns.
+    # Your own tasks in {input, target} columns (a name here takes precedence over a suite task).
     local: dict[str, LocalTaskConfig] = field(default_factory=dict)
     # Suite tasks from local files in the hub dataset's own columns, by hub split name:
     # data.files.rte.train=rte_train.jsonl, data.files.rte.validation=... (MNLI:

@@ -32,10 +32,6 @@ class TaskData:
     metrics: tuple[str, ...] = ("accuracy",)
 
 
-def known_tasks(cfg: DataConfig) -> list[str]:
-    return sorted(set(cfg.local) | set(REGISTRY) | set(SYNTHETIC_TASKS))
-
-
 def check_task_names(cfg: DataConfig) -> None:
     """Fails on an unknown task name before anything expensive starts."""
     for key, names in [("data.tasks", cfg.tasks), ("data.eval_tasks", cfg.eval_tasks or [])]:
