@@ -1,4 +1,4 @@
-"""MPT in real runs: K teachers in one job equal K independent ones and match across 1 and 2
+"""MPT in real runs: a teacher trains as if alone, whatever its neighbour and the number of
 ranks; the teachers → shared prompt → target pipeline on 2 ranks, with its logs."""
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from jobs import ROOT, TRAIN, run_ds
 pytestmark = pytest.mark.distributed
 
 TEACHERS = ["stage=mpt-teachers", "model.dtype=fp32", "train.steps=12", "train.global_batch_size=16",
-            "train.micro_batch_size=8", "train.eval_every=0", "prompt.length=8", "train.lr=0.3", "seed=5"]
+            "train.micro_batch_size=8", "train.eval_every=0", "prompt.length=8", "train.lr=0.3", "seed=5",
+            # Clipping acts every step, so a joint clip over both teachers would couple them.
+            "train.max_grad_norm=0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +27,19 @@ def cache(tiny_backbone_path) -> Path:
 
 def test_teachers_train_as_if_alone_on_one_and_two_ranks(cache, tmp_path):
     runs = {}
-    for name, ranks, tasks in [("one", 1, "[sentiment, mood]"), ("two", 2, "[sentiment, mood]"),
-                               ("other", 1, "[topic, mood]")]:
+    for name, ranks, tasks in [("two", 2, "[sentiment, mood]"), ("other", 1, "[topic, mood]")]:
         out = tmp_path / name
         assert run_ds(ranks, TRAIN, *TEACHERS, f"output_dir={out}", f"data.tasks={tasks}", cache=cache).returncode == 0
         runs[name] = load_file(str(out / "prompts.safetensors"))
-    one, two, other = runs["one"], runs["two"], runs["other"]
-    assert set(one) == {"particles", "teacher.sentiment", "teacher.mood"}
-    assert torch.equal(one["teacher.mood"], one["particles"][1])
-    # 2 ranks, one teacher each: the same teachers as 1 rank running both.
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
-    # Each teacher sees only its task's block and is clipped by its own norm: the mood teacher is
-    # the same whether it trains beside sentiment or beside topic.
-    torch.testing.assert_close(other["teacher.mood"], one["teacher.mood"], rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(other["teacher.topic"], one["teacher.sentiment"])
+    two, other = runs["two"], runs["other"]
+    assert set(two) == {"particles", "teacher.sentiment", "teacher.mood"}
+    assert torch.equal(two["teacher.mood"], two["particles"][1])
+    # Each teacher sees only its task's block, is clipped by its own norm, and its rows run the same
+    # way on 1 rank (beside topic) as on its own rank of 2 (beside sentiment on the other rank): the
+    # mood teacher comes out the same.
+    torch.testing.assert_close(other["teacher.mood"], two["teacher.mood"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(other["teacher.topic"], two["teacher.sentiment"])
+    assert (other["teacher.mood"] - other["particles"][1]).abs().max() == 0
 
 
 def test_mpt_pipeline_on_two_ranks(cache, tmp_path):
