@@ -54,9 +54,9 @@ def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, par
 
     src = Path(source)
     tensors = load_prompts_file(source, key="export source")
-    run_dir = src if src.is_dir() else src.parent
+    run = _run_config(src if src.is_dir() else src.parent)
     if base_model is None:
-        base_model = _run_base_model(run_dir)
+        base_model = _run_base_model(run)
     particles = tensors["particles"]
     m, length, dim = particles.shape
     if particle is not None:
@@ -65,7 +65,7 @@ def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, par
         shared = particles[particle]
     else:
         shared = particles.mean(0)  # one particle: itself; several: their mean (the BMTPT aggregate)
-    names = tasks or _task_order(run_dir, _factor_tasks(tensors))
+    names = tasks or _task_order(run, _factor_tasks(tensors))
     common = dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=length, token_dim=dim,
                   num_transformer_submodules=1, base_model_name_or_path=base_model)
     weights = {"prompt_embeddings": shared.float().contiguous()}
@@ -85,14 +85,19 @@ def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, par
     return {"type": type(config).__name__, "tasks": names, "shape": [length, dim], "particles": m}
 
 
-def _run_base_model(run_dir: Path) -> Optional[str]:
-    """The backbone a run used (its config.yaml), as a path or hub name peft can record."""
+def _run_config(run_dir: Path) -> dict:
+    """The config.yaml of the run that wrote the prompts ({} when there is none)."""
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
-        return None
+        return {}
     import yaml
 
-    name = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("name_or_path")
+    return yaml.safe_load(cfg.read_text()) or {}
+
+
+def _run_base_model(run: dict) -> Optional[str]:
+    """The backbone a run used, as a path or hub name peft can record."""
+    name = run.get("model", {}).get("name_or_path")
     if name == "tiny":
         from .backbone import resolve_model_path
 
@@ -100,17 +105,11 @@ def _run_base_model(run_dir: Path) -> Optional[str]:
     return name
 
 
-def _task_order(run_dir: Path, names: list[str]) -> list[str]:
+def _task_order(run: dict, names: list[str]) -> list[str]:
     """The run's task order (its config's data.tasks then data.eval_tasks) for the factor tasks."""
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file() and names:
-        import yaml
-
-        data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
-        order = list(dict.fromkeys((data.get("tasks") or []) + (data.get("eval_tasks") or [])))
-        if sorted(order) == sorted(names):
-            return order
-    return sorted(names)
+    data = run.get("data", {})
+    order = list(dict.fromkeys((data.get("tasks") or []) + (data.get("eval_tasks") or [])))
+    return order if names and sorted(order) == sorted(names) else sorted(names)
 
 
 def import_peft(adapter_dir: str) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .bmtpt import BMTPTSource, Target
-from .mpt import MPTDistill, MPTTeachers, check_teacher_world
+from .mpt import MPTDistill, MPTTeachers
 from .prompt_tuning import PromptTuning, finished
 
 STAGES = {
@@ -37,15 +37,11 @@ def run_pipeline(runs: list, say=print) -> None:
     import dataclasses
     import os
 
-    from ..engine import Placement
-
     # Particles against ranks, for every stage before the first one runs (the launcher sets
     # WORLD_SIZE; a plain python run is one rank).
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for _, cfg in runs:
-        if cfg.stage == "mpt-teachers":
-            check_teacher_world(cfg, world)
-        Placement.make(STAGES[cfg.stage].placement_mode, cfg.prompt.particles, world, cfg.train.global_batch_size)
+        STAGES[cfg.stage].placement_for(cfg, world)
     rerun = False
     for i, (name, cfg) in enumerate(runs):
         if len(runs) > 1:

@@ -40,6 +40,11 @@ def check_teacher_world(cfg, world: int) -> None:
 class MPTTeachers(PromptTuning):
     placement_mode = "split"
 
+    @classmethod
+    def placement_for(cls, cfg, world: int):
+        check_teacher_world(cfg, world)  # the general message would suggest other particle counts
+        return super().placement_for(cfg, world)
+
     def adjust_ds_config(self, ds_config: dict) -> None:
         # Clipping all teachers by their joint norm would couple K independent runs: clip each
         # teacher's gradient by its own norm in the hook instead.

@@ -127,8 +127,7 @@ class PromptTuning:
         torch.manual_seed(cfg.seed)
         ds_config = eng.resolve_ds_config(cfg, self.world)
         self.adjust_ds_config(ds_config)
-        self.placement = eng.Placement.make(self.placement_mode, cfg.prompt.particles, self.world,
-                                            cfg.train.global_batch_size)
+        self.placement = self.placement_for(cfg, self.world)
         if self.is_main:
             # Outputs of an earlier, finished run are no longer this directory's final word.
             (self.out / DONE_FILE).unlink(missing_ok=True)
@@ -167,16 +166,15 @@ class PromptTuning:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         d = cfg.data
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "train",
-                                        d.max_source_length, d.max_target_length) for n in train_names]
+        def encode(name: str, split: str):
+            return encode_task(self.tokenizer, raw[name], self.task_names.index(name), split,
+                               d.max_source_length, d.max_target_length)
+
+        self.train_tasks = [encode(n, "train") for n in train_names]
         # A task without dev rows (allowed when train.eval_every=0) is not evaluated; the test
         # rows of a task are scored whenever the mean dev score improves.
-        self.eval_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "validation",
-                                       d.max_source_length, d.max_target_length)
-                           for n in eval_names if raw[n].validation]
-        self.test_tasks = [encode_task(self.tokenizer, raw[n], self.task_names.index(n), "test",
-                                       d.max_source_length, d.max_target_length)
-                           for n in eval_names if raw[n].validation and raw[n].test]
+        self.eval_tasks = [encode(n, "validation") for n in eval_names if raw[n].validation]
+        self.test_tasks = [encode(n, "test") for n in eval_names if raw[n].validation and raw[n].test]
         self.sampler = self.make_sampler([len(t.inputs) for t in self.train_tasks])
         p = cfg.prompt
         bank = PromptBank(p.particles, p.length, AutoConfig.from_pretrained(model_path).d_model,
@@ -266,6 +264,12 @@ class PromptTuning:
         return f"particles [{shape}]: {where}; {stored}"
 
     # -------------------------------------------------------- stage hooks
+    @classmethod
+    def placement_for(cls, cfg: RunConfig, world: int) -> "eng.Placement":
+        """Which rows and particles each rank runs; fails on particles that do not fit the ranks
+        (run_pipeline calls it for every stage before the first one runs)."""
+        return eng.Placement.make(cls.placement_mode, cfg.prompt.particles, world, cfg.train.global_batch_size)
+
     def adjust_ds_config(self, ds_config: dict) -> None:
         """Stage-specific changes to the resolved DeepSpeed config (saved as ds_config.json)."""
 
@@ -397,12 +401,16 @@ class PromptTuning:
             # Share of wall time in the gradient hook: all-gathers of θ and G, SVGD or the prior.
             w.add_scalar("perf/grad_hook_share", hook_share, s)
 
+    @property
+    def _ensemble(self) -> bool:
+        """Rank classification scores the particles' posterior predictive (not their mean prompt)."""
+        return self.eval_ensemble and self.cfg.prompt.particles > 1
+
     def _scores(self, tasks) -> dict[str, dict]:
         """Every task's metrics (bpt_ds.metrics) on the given split's encoded tasks."""
         d = self.cfg.data
-        ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
         generate = d.eval_mode == "generate"
-        preds = self.engine.predict(tasks, self.cfg.train.eval_batch_size, self.pad_id, ensemble=ensemble,
+        preds = self.engine.predict(tasks, self.cfg.train.eval_batch_size, self.pad_id, ensemble=self._ensemble,
                                     generate=generate, max_new_tokens=d.max_new_tokens)
         out = {}
         for task in tasks:
@@ -427,8 +435,7 @@ class PromptTuning:
             f"{task} " + " ".join(f"{k} {x:.4f}" for k, x in v.items() if k not in ("score", "examples", "invalid"))
             + (f" ({v['invalid']} of {v['examples']} predictions invalid)" if v["invalid"] else "")
             for task, v in metrics.items())
-        ensemble = self.eval_ensemble and self.cfg.prompt.particles > 1
-        how = " (posterior predictive over the particles)" if ensemble and self.cfg.data.eval_mode == "rank" else ""
+        how = " (posterior predictive over the particles)" if self._ensemble and self.cfg.data.eval_mode == "rank" else ""
         tqdm.write(f"[bpt_ds] step {self.step} {split}{how}: {summary}")
 
     def _evaluate(self) -> bool:
@@ -445,14 +452,20 @@ class PromptTuning:
             if test:
                 self._log_scores("test", test)
             self.selected = {"step": self.step, "dev": metrics, "test": test}
-            tensors = self.exported(self.engine.model.bank.export(self.engine.full_trainable_tensors()))
-            if self.is_main:
-                from safetensors.torch import save_file
-
-                eng.atomic_write(self.out / "prompts_best.safetensors", lambda f: save_file(tensors, str(f)))
+            self._save_prompts("prompts_best.safetensors")
         else:
             self.evals_without_gain += 1
         return bool(self.cfg.train.patience) and self.evals_without_gain >= self.cfg.train.patience
+
+    def _save_prompts(self, name: str) -> dict:
+        """Gathers the full prompt bank (collective: every rank calls it) and rank 0 writes it to
+        output_dir/name atomically; returns the tensors."""
+        tensors = self.exported(self.engine.model.bank.export(self.engine.full_trainable_tensors()))
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            eng.atomic_write(self.out / name, lambda f: save_file(tensors, str(f)))
+        return tensors
 
     def results(self) -> dict:
         """metrics.json: the run's identity, the selected (best dev) step's dev and test metrics,
@@ -466,11 +479,8 @@ class PromptTuning:
     def finish(self) -> dict:
         if self.eval_tasks and self.last_eval_step != self.step:
             self._evaluate()
-        tensors = self.exported(self.engine.model.bank.export(self.engine.full_trainable_tensors()))
+        tensors = self._save_prompts("prompts.safetensors")
         if self.is_main:
-            from safetensors.torch import save_file
-
-            eng.atomic_write(self.out / "prompts.safetensors", lambda f: save_file(tensors, str(f)))
             self.export_extras(tensors)
             results = self.results()
             eng.atomic_write(self.out / "metrics.json",
