@@ -30,6 +30,8 @@ setup(
     extras_require={
         # Hugging Face peft: export / import of prompt adapters (python -m bpt_ds.peft_io). Tested: 0.21.
         "peft": ["peft>=0.13"],
-        "test": ["pytest>=8", "peft>=0.13"],
+        # bench/scaling.py's plot.
+        "bench": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7"],
     },
 )

@@ -32,12 +32,93 @@ class Backbone:
     lm_head_restored: bool = False
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_MARKER = "RANDOM_WEIGHTS"
+
+
 def resolve_model_path(name_or_path: str, progress: bool = True) -> str:
     if name_or_path == "tiny":
         from .tiny import build_tiny_backbone
 
         return str(build_tiny_backbone(progress=progress))
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return str(random_backbone_dir(name_or_path[len(RANDOM_PREFIX):], progress))
     return name_or_path
+
+
+def random_backbone_dir(spec: str, progress: bool = True) -> Path:
+    """`random:<preset or dims>` (e.g. random:t5-v1_1-xl, random:d_model=512,num_layers=6): a
+    directory with the published T5 config, the tiny backbone's tokenizer and no weights; the
+    weights are drawn at load time, partitioned as they are created. For timing and memory
+    work at real sizes without a download; nothing it predicts means anything."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+
+    from filelock import FileLock
+    from transformers import T5Config
+
+    from .config import ConfigError
+    from .plan import PlanError, resolve_dims
+    from .tiny import build_tiny_backbone, default_cache_dir
+
+    try:
+        dims = resolve_dims(spec) if spec else None
+    except PlanError as e:
+        raise ConfigError(f"model.name_or_path={RANDOM_PREFIX}{spec}: {e}") from None
+    if dims is None:
+        raise ConfigError(f"model.name_or_path: give a preset or dimensions after '{RANDOM_PREFIX}', "
+                          f"e.g. {RANDOM_PREFIX}t5-v1_1-xl")
+    tiny = build_tiny_backbone(progress=progress)
+    tiny_vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
+    if dims.vocab_size < tiny_vocab:
+        raise ConfigError(f"model.name_or_path={RANDOM_PREFIX}{spec}: vocab_size {dims.vocab_size} is smaller than "
+                          f"the tokenizer's {tiny_vocab} (random backbones use the tiny backbone's tokenizer)")
+    key = hashlib.sha256(json.dumps([asdict(dims), tiny.name]).encode()).hexdigest()[:12]
+    final = default_cache_dir() / f"random-t5-{key}"
+    if (final / RANDOM_MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / RANDOM_MARKER).is_file():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(tiny / name, staging / name)
+            T5Config(d_model=dims.d_model, d_ff=dims.d_ff, d_kv=dims.d_kv, num_heads=dims.num_heads,
+                     num_layers=dims.num_layers, num_decoder_layers=dims.num_decoder_layers,
+                     vocab_size=dims.vocab_size, relative_attention_num_buckets=dims.num_buckets,
+                     feed_forward_proj="gated-gelu" if dims.gated else "relu", tie_word_embeddings=dims.tied,
+                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).save_pretrained(staging)
+            (staging / RANDOM_MARKER).write_text(json.dumps({"spec": spec, **asdict(dims)}) + "\n")
+            staging.chmod(0o755)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final
+
+
+@torch.no_grad()
+def init_random_weights(model: T5ForConditionalGeneration, ds_config: dict, seed: int = 0) -> None:
+    """Deterministic random weights (normal, std d_model^-0.5; norms 1), written by rank 0 into
+    each gathered parameter, so every world size gets the same backbone."""
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.d_model ** -0.5
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=is_zero3(ds_config)):
+            if first:
+                values = (torch.ones(p.shape) if "layer_norm" in name else
+                          torch.randn(p.shape, generator=gen) * std)
+                p.data.copy_(values.to(p.dtype))
 
 
 def is_zero3(ds_config: dict) -> bool:
@@ -51,12 +132,20 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
     if progress:
         print(f"[bpt_ds] loading backbone {path} ({dtype}"
               f"{', partitioned by ZeRO-3 as it loads' if handle else ''})", flush=True)
+    if (Path(path) / RANDOM_MARKER).is_file():
+        model = T5ForConditionalGeneration._from_config(T5ForConditionalGeneration.config_class.from_pretrained(path),
+                                                        dtype=DTYPES[dtype])
+        if not getattr(model.config, "scale_decoder_outputs", True):  # v1.1 / flan sizes: lm_head of its own
+            untie_lm_head(model, ds_config)
+        init_random_weights(model, ds_config)
+        model.requires_grad_(False)
+        return Backbone(model, path, handle, False)
     try:
         model = T5ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:
         raise FileNotFoundError(
             f"could not load model.name_or_path='{name_or_path}': {e}. Give a local directory "
-            "written by save_pretrained, a hub name available offline, or 'tiny'") from None
+            "written by save_pretrained, a hub name available offline, 'tiny', or random:<T5 size>") from None
     restored = restore_untied_lm_head(model, path, ds_config)
     model.requires_grad_(False)
     return Backbone(model, path, handle, restored)
@@ -107,14 +196,7 @@ def restore_untied_lm_head(model: T5ForConditionalGeneration, path: str, ds_conf
     shared = checkpoint_tensor(path, "shared.weight")
     if shared is not None and torch.equal(stored, shared):
         return False  # the checkpoint itself is tied; nothing to restore
-    head = model.lm_head
-    if head.weight is model.get_input_embeddings().weight:
-        # No dtype argument: zero.Init (0.19.8) ignores it on accelerators without fp16 and
-        # takes bf16/fp32 from the config instead, which is what the backbone was loaded in.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=is_zero3(ds_config)):
-            head = torch.nn.Linear(head.in_features, head.out_features, bias=False,
-                                   dtype=head.weight.dtype)
-        model.lm_head = head
+    head = untie_lm_head(model, ds_config)
     embedding = model.get_input_embeddings().weight
     if shared is not None:
         # If loading had written lm_head's values into the shared embedding, the encoder
@@ -129,6 +211,20 @@ def restore_untied_lm_head(model: T5ForConditionalGeneration, path: str, ds_conf
         head.weight.data.copy_(stored.to(head.weight.dtype))
     log.warning("lm_head of %s came back tied to the input embedding; restored the checkpoint's own lm_head", path)
     return True
+
+
+def untie_lm_head(model: T5ForConditionalGeneration, ds_config: dict) -> torch.nn.Linear:
+    """Gives the model an lm_head of its own (partitioned under ZeRO-3) when it is the input
+    embedding (transformers 5.x ties them always); returns the head."""
+    head = model.lm_head
+    if head.weight is model.get_input_embeddings().weight:
+        # No dtype argument: zero.Init (0.19.8) ignores it on accelerators without fp16 and
+        # takes bf16/fp32 from the config instead, which is what the backbone was loaded in.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=is_zero3(ds_config)):
+            head = torch.nn.Linear(head.in_features, head.out_features, bias=False,
+                                   dtype=head.weight.dtype)
+        model.lm_head = head
+    return head
 
 
 @torch.no_grad()

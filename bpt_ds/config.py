@@ -143,6 +143,16 @@ class DeepSpeedSection:
     # A DeepSpeed JSON config; "auto" picks ds_configs/zero3_bf16.json on GPUs and
     # ds_configs/cpu_zero3.json without one.
     config: str = "auto"
+    # Before loading the backbone, estimate per-GPU memory (python -m bpt_ds.plan) and refuse
+    # a run that cannot fit, naming the setup that would.
+    memory_check: bool = True
+    # Memory of one device in GiB; null: the accelerator's own (no check on CPU).
+    device_memory_gb: Optional[float] = None
+    # GiB per device the estimate keeps aside for the CUDA context, NCCL and allocator slack.
+    memory_reserve_gb: float = 2.0
+    # Minutes a collective may wait for the other ranks before the job ends with an error
+    # naming the ranks that did not answer (a lost node, a hung rank).
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -556,14 +566,18 @@ def validate(cfg: RunConfig) -> None:
                  f"stage '{cfg.stage}' initializes from a file: set prompt.init=file (or leave it unset)")
     if p.init_particle is not None:
         _require(p.init_particle >= 0, f"config key 'prompt.init_particle' must be >= 0; got {p.init_particle}")
-    sv, pr = cfg.svgd, cfg.prior
+    sv, pr, ds = cfg.svgd, cfg.prior, cfg.deepspeed
     for key, value in [("svgd.bandwidth", sv.bandwidth), ("svgd.likelihood_scale", sv.likelihood_scale),
-                       ("svgd.prior_std", sv.prior_std), ("prior.bandwidth", pr.bandwidth)]:
+                       ("svgd.prior_std", sv.prior_std), ("prior.bandwidth", pr.bandwidth),
+                       ("deepspeed.device_memory_gb", ds.device_memory_gb),
+                       ("deepspeed.timeout_minutes", ds.timeout_minutes)]:
         if value is not None:
             _require(math.isfinite(value) and value > 0,
                      f"config key '{key}' must be a finite number > 0 (or null); got {value}")
     _require(math.isfinite(sv.init_noise) and sv.init_noise >= 0,
              f"config key 'svgd.init_noise' must be a finite number >= 0; got {sv.init_noise}")
+    _require(math.isfinite(ds.memory_reserve_gb) and ds.memory_reserve_gb >= 0,
+             f"config key 'deepspeed.memory_reserve_gb' must be a finite number >= 0; got {ds.memory_reserve_gb}")
     _require(math.isfinite(pr.min_var) and pr.min_var > 0,
              f"config key 'prior.min_var' must be a finite number > 0; got {pr.min_var}")
     _require(math.isfinite(pr.beta) and pr.beta >= 0,

@@ -49,8 +49,51 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import datetime
 
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_minutes * 60
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+_TIMEOUT_S = 1800.0
+
+
+# What a lost connection or a timed-out collective looks like from torch: DistError
+# subclasses, or gloo's / NCCL's RuntimeError texts.
+_COMM_FAILURE_TEXTS = ("Timed out waiting", "Connection reset by peer", "Connection closed by peer",
+                       "Connection refused", "Watchdog caught collective operation timeout",
+                       "NCCL communicator was aborted", "gloo/transport")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in _COMM_FAILURE_TEXTS)
+
+
+def unresponsive_ranks(wait_seconds: Optional[float] = None) -> Optional[list[int]]:
+    """After a failed collective: the ranks that do not check in through the job's store within
+    wait_seconds (default: half the collective timeout, 3 to 15 s; lost, hung, or stuck in
+    another collective). None when the store cannot be reached: rank 0 hosts it, so then rank
+    0 itself is gone."""
+    import datetime
+
+    if not dist.is_initialized():
+        return None
+    if wait_seconds is None:
+        wait_seconds = min(15.0, max(3.0, _TIMEOUT_S / 2))
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait_seconds))
+        store.set(f"bpt_ds/alive/{rank()}", "1")
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            missing = [r for r in range(world_size()) if not store.check([f"bpt_ds/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.5)
+    except Exception:  # noqa: BLE001 - any store failure means the same: rank 0 is unreachable
+        return None
 
 
 def rank() -> int:
@@ -150,6 +193,23 @@ def model_dtype(cfg: RunConfig) -> str:
     if cfg.model.dtype == "auto":
         return "bf16" if on_gpu() else "fp32"
     return cfg.model.dtype
+
+
+def check_memory(cfg: RunConfig, ds_config: dict, model_path: str, placement: str):
+    """The planner's estimate for this run on this hardware (bpt_ds.plan.check_run): raises
+    ConfigError when it cannot fit; None when there is nothing to check (CPU)."""
+    from .plan import check_run
+
+    device_memory = host_memory = None
+    if cfg.deepspeed.device_memory_gb is not None:
+        device_memory = int(cfg.deepspeed.device_memory_gb * 2**30)
+    elif on_gpu():
+        import psutil
+
+        device_memory = get_accelerator().total_memory()
+        host_memory = psutil.virtual_memory().total
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size())
+    return check_run(cfg, ds_config, model_path, placement, world_size(), local, device_memory, host_memory)
 
 
 def ds_dtype(ds_config: dict) -> str:

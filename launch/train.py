@@ -46,7 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        from bpt_ds import engine
+
+        if not engine.is_comm_failure(e):
+            raise
+        report_lost_ranks(e)
+        return 3
     return 0
+
+
+def report_lost_ranks(e: Exception) -> None:
+    """A collective failed (a rank died, hung or lost its network): name the ranks that no
+    longer answer, and say how to continue."""
+    from bpt_ds import engine
+
+    me = engine.rank()
+    lost = engine.unresponsive_ranks()
+    who = ("rank 0, which hosts the job's store, is unreachable" if lost is None else
+           f"rank(s) {', '.join(map(str, lost))} did not answer" if lost else
+           "every rank still answers (a network fault?)")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"bpt_ds: error: rank {me}: lost contact with the job: {who}. A collective failed: {first}\n"
+          "bpt_ds: a rank that dies or hangs ends the job after deepspeed.timeout_minutes; look above for "
+          "that rank's own error, then rerun the same command: it resumes from the newest checkpoint "
+          "(train.resume=auto).", file=sys.stderr, flush=True)
 
 
 def parse_seeds(text: str | None) -> list:

@@ -30,3 +30,19 @@ def run_ds(ranks: int, script: str, *args: str, cache: Path, cwd: Path | None = 
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     return proc
+
+
+def two_node_commands(hostfile: Path, script: str, *args: str, port: int = 29610) -> list[list[str]]:
+    """The deepspeed launcher as run on each of two nodes without ssh (launch/slurm.sbatch's
+    form): one launcher per node, --node_rank 0 and 1, node 0 at 127.0.0.1. The hostfile names
+    the two nodes with one slot each."""
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    return [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+             "127.0.0.1", "--master_port", str(port), script, *args] for node in (0, 1)]
+
+
+def start_two_nodes(hostfile: Path, script: str, *args: str, cache: Path, port: int = 29610) -> list[subprocess.Popen]:
+    return [subprocess.Popen(cmd, env=ds_env(cache, 2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+            for cmd in two_node_commands(hostfile, script, *args, port=port)]
+

@@ -71,6 +71,13 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
     rows = projector.read_text().strip().splitlines()
     assert len(rows) == 4 and len(rows[0].split("\t")) == 8 * 128
     assert len(next((two / "tb").glob("*/particle_tokens/tensors.tsv")).read_text().strip().splitlines()) == 32
+    # The replicated backbone (ds_configs/replicated_bf16.json, ZeRO-2: what bpt_ds.plan picks
+    # when the weights fit on every GPU): the same particles as under ZeRO-3.
+    replicated = run_ds(2, TRAIN, f"output_dir={tmp_path / 'replicated'}", *SOURCE, "prompt.particles=4",
+                        "train.micro_batch_size=2", "deepspeed.config=ds_configs/replicated_bf16.json", cache=cache)
+    assert replicated.returncode == 0
+    assert "stored whole on every rank" in replicated.stdout
+    torch.testing.assert_close(particles(tmp_path / "replicated"), p2, rtol=0, atol=2e-5)
     # bf16 (ZeRO-3 keeps fp32 master copies; SVGD runs on those): 1 and 2 ranks agree too.
     bf16 = [*SOURCE, "prompt.particles=4", "model.dtype=bf16", "train.micro_batch_size=4"]
     assert run_ds(1, TRAIN, f"output_dir={tmp_path / 'bf16-one'}", *bf16, cache=cache).returncode == 0

@@ -95,7 +95,7 @@ def test_ds_config_gets_batch_sizes_and_checks_conflicts(tmp_path):
     with pytest.raises(ConfigError, match="fp16 is enabled; T5 overflows in fp16"):
         resolve_ds_config(cfg, world=1)
     with pytest.raises(ConfigError, match="deepspeed.config: file 'missing.json' does not exist; use one of "
-                                          "cpu_zero3.json, zero3_bf16.json, zero3_offload_param.json"):
+                                          "cpu_zero3.json, replicated_bf16.json, zero3_bf16.json, zero3_offload_param.json"):
         resolve_ds_config(load_config(None, ["deepspeed.config=missing.json"]), world=1)
 
 

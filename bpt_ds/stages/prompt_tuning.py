@@ -46,7 +46,10 @@ DONE_FILE = "done.json"
 # Keys a resumed run may change: they say how long to train and what to log, not what a step computes.
 RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "train.eval_every",
                "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.patience",
-               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method"}
+               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method",
+               # How the job is guarded, not what it computes.
+               "deepspeed.memory_check", "deepspeed.device_memory_gb", "deepspeed.memory_reserve_gb",
+               "deepspeed.timeout_minutes"}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -121,7 +124,7 @@ class PromptTuning:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        eng.init_distributed()
+        eng.init_distributed(cfg.deepspeed.timeout_minutes)
         self.rank, self.world = eng.rank(), eng.world_size()
         self.is_main = self.rank == 0
         torch.manual_seed(cfg.seed)
@@ -163,6 +166,11 @@ class PromptTuning:
         # The tokenizer and config are small: tokenize and check the prompt file now, so that
         # over-long labels or a prompt of the wrong shape fail before the backbone loads.
         model_path = resolve_model_path(cfg.model.name_or_path, progress=self.is_main)
+        # A run that cannot fit in device memory is refused before the weights load.
+        fit = eng.check_memory(cfg, ds_config, model_path, self.placement.mode)
+        if fit is not None:
+            self._info(f"memory estimate: {fit.total / 2**30:.2f} GiB per device ({fit.setup.name}, activation "
+                       f"checkpointing {'on' if fit.setup.checkpointing else 'off'}; python -m bpt_ds.plan)")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         d = cfg.data
         self.pad_id = self.tokenizer.pad_token_id
@@ -191,7 +199,11 @@ class PromptTuning:
         self.backbone = backbone = load_backbone(model_path, ds_config, eng.ds_dtype(ds_config),
                                                  progress=self.is_main)
         if cfg.model.gradient_checkpointing:
-            backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = backbone.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         gen = torch.Generator().manual_seed(cfg.seed)
         if p.init == "random":
             bank.init_random(p.init_std, gen)

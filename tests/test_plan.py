@@ -1,0 +1,194 @@
+"""The memory planner (bpt_ds.plan): DeepSpeed's own estimator where both apply, parameter
+counts of real T5 models, activations against what autograd actually keeps, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from bpt_ds import plan
+from jobs import ROOT
+
+SMALL = dict(d_model=64, d_ff=160, num_heads=4, d_kv=16, num_layers=3, num_decoder_layers=2, vocab_size=512,
+             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def small_config(gated: bool, tied: bool, **kw) -> T5Config:
+    return T5Config(**{**SMALL, **kw}, feed_forward_proj="gated-gelu" if gated else "relu",
+                    tie_word_embeddings=tied)
+
+
+@pytest.mark.parametrize("gated,tied", [(True, False), (False, True)])
+def test_parameter_counts_are_deepspeeds_count_of_the_real_model(gated, tied):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    config = small_config(gated, tied)
+    model = T5ForConditionalGeneration(config)
+    if not tied:  # as backbone.restore_untied_lm_head leaves a v1.1 checkpoint: its own lm_head
+        model.lm_head = torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
+    assert plan.dims_from_config(config).tied is tied
+    assert plan.param_counts(plan.dims_from_config(config)) == model_to_params(model)
+
+
+@pytest.mark.parametrize("name", ["t5-v1_1-base", "t5-v1_1-xl", "flan-t5-xxl", "t5-3b", "t5-11b"])
+def test_preset_counts_match_the_model_transformers_builds(name):
+    d = plan.PRESETS[name]
+    config = T5Config(d_model=d.d_model, d_ff=d.d_ff, d_kv=d.d_kv, num_heads=d.num_heads, num_layers=d.num_layers,
+                      num_decoder_layers=d.num_decoder_layers, vocab_size=d.vocab_size,
+                      feed_forward_proj="gated-gelu" if d.gated else "relu", tie_word_embeddings=d.tied)
+    assert plan.dims_from_config(config) == d
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+        if not d.tied:
+            model.lm_head = torch.nn.Linear(d.d_model, d.vocab_size, bias=False)
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert plan.param_counts(d) == (total, largest)
+    # The published sizes, for orientation: t5-v1_1-xl has 2.85B parameters, t5-11b 11.3B.
+    assert {"t5-v1_1-xl": 2.85e9, "t5-11b": 11.31e9}.get(name, total) == pytest.approx(total, rel=0.01)
+
+
+@pytest.mark.parametrize("gpn,nodes", [(1, 1), (8, 1), (4, 2), (8, 16)])
+def test_model_states_with_everything_trainable_are_deepspeeds_estimates(gpn, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    for name in ("t5-v1_1-base", "t5-v1_1-xxl", "t5-11b"):
+        total, largest = plan.param_counts(plan.PRESETS[name])
+        for offload_opt, offload_param in [(False, False), (True, False), (True, True)]:
+            cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+                total, largest, num_gpus_per_node=gpn, num_nodes=nodes, cpu_offload=offload_opt,
+                cpu_offload_params=offload_param, zero_init=True)
+            assert plan.model_states(total, largest, total, num_gpus_per_node=gpn, num_nodes=nodes, zero=3,
+                                     offload_optimizer=offload_opt, offload_param=offload_param) == (cpu, gpu)
+        for offload in (False, True):
+            expected = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpn, num_nodes=nodes,
+                                                             cpu_offload=offload)
+            assert plan.model_states(total, largest, total, num_gpus_per_node=gpn, num_nodes=nodes, zero=2,
+                                     offload_optimizer=offload) == expected
+
+
+def test_frozen_weights_cost_only_their_bf16_bytes():
+    total, largest = plan.param_counts(plan.PRESETS["t5-v1_1-xl"])
+    prompt = 4 * 100 * 2048
+    _, replicated = plan.model_states(total + prompt, largest, prompt, num_gpus_per_node=8, zero=2)
+    _, zero3 = plan.model_states(total + prompt, largest, prompt, num_gpus_per_node=8, zero=3)
+    assert replicated == 2 * total + 2 * prompt + 18 * prompt // 8
+    assert zero3 == 4 * largest + (2 * total + 18 * prompt) // 8
+
+
+def saved_activation_bytes(config: T5Config, rows: int, source: int, prompt: int, target: int,
+                           checkpointing: bool) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, prompt-tuning a frozen T5."""
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    model = T5ForConditionalGeneration(config).train().requires_grad_(False)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    soft = torch.randn(prompt, config.d_model, requires_grad=True)
+    ids = torch.randint(3, config.vocab_size, (rows, source))
+    labels = torch.randint(3, config.vocab_size, (rows, target))
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = torch.cat([soft.expand(rows, -1, -1), model.get_input_embeddings()(ids)], 1)
+        model(inputs_embeds=x, labels=labels, use_cache=False).loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("gated,dropout", [(True, 0.1), (False, 0.1), (True, 0.0)])
+def test_activation_estimate_covers_what_autograd_keeps(gated, dropout):
+    config = small_config(gated, tied=False, dropout_rate=dropout)
+    rows, source, prompt, target = 4, 40, 8, 8
+    measured = saved_activation_bytes(config, rows, source, prompt, target, checkpointing=False)
+    est = plan.activation_bytes(plan.dims_from_config(config), rows, source + prompt, target, checkpointing=False,
+                                act_bytes=4, dropout=dropout > 0, attention="eager")
+    # Safe side, but not wildly so.
+    assert measured <= est <= 1.6 * measured
+    kept = saved_activation_bytes(config, rows, source, prompt, target, checkpointing=True)
+    est_ckpt = plan.activation_bytes(plan.dims_from_config(config), rows, source + prompt, target,
+                                     checkpointing=True, act_bytes=4, dropout=dropout > 0, attention="eager")
+    assert kept <= est_ckpt < est
+
+
+def run_plan(*args):
+    return subprocess.run([sys.executable, "-m", "bpt_ds.plan", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_picks_the_fastest_setup_that_fits_and_writes_its_ds_config(tmp_path):
+    out = tmp_path / "ds.json"
+    # XXL on 8 x 24 GiB: 22 GiB of replicated bf16 weights leave no room; ZeRO-3 does.
+    proc = run_plan("--model", "google/flan-t5-xxl", "--gpus", "8", "--gpu-mem", "24", "--batch", "4",
+                    "--seq", "256", "--particles", "4", "--write", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "fastest that fits: ZeRO-3 (backbone partitioned), activation checkpointing off" in proc.stdout
+    lines = {tuple(line.split()[:2]): line for line in proc.stdout.splitlines()[4:10]}
+    assert lines[("replicated", "no")].endswith("does not fit (GPU)")
+    assert json.loads(out.read_text()) == json.loads((ROOT / "ds_configs/zero3_bf16.json").read_text())
+    # The same numbers as JSON, and as the library computes them.
+    proc = run_plan("--model", "google/flan-t5-xxl", "--gpus", "8", "--gpu-mem", "24", "--batch", "4",
+                    "--seq", "256", "--particles", "4", "--write", "-", "--json")
+    got = json.loads(proc.stdout)
+    req = plan.Request(plan.PRESETS["flan-t5-xxl"], gpus=8, gpu_mem_gb=24, batch=4, seq=256, particles=4)
+    assert [e["total"] for e in got["estimates"]] == [e.total for e in plan.plan(req)]
+    assert got["choice"]["name"] == "zero3" and got["choice"]["checkpointing"] is False
+    # Host memory: eight replicated XL copies need ~64 GiB to load; with 32 GiB per node, ZeRO-3.
+    proc = run_plan("--model", "t5-v1_1-xl", "--gpus", "8", "--gpu-mem", "80", "--cpu-mem", "32", "--write", "-")
+    assert "fastest that fits: ZeRO-3 (backbone partitioned), activation checkpointing off" in proc.stdout
+    assert "  63.71  does not fit (host)" in proc.stdout
+
+
+def test_scale_configs_name_the_setup_the_planner_picks_for_their_hardware():
+    from bpt_ds.config import load_runs
+
+    configs = sorted((ROOT / "configs/scale").glob("*.yaml"))
+    assert len(configs) == 8
+    for path in configs:
+        (_, cfg), = load_runs(str(path), [], None)
+        size = cfg.model.name_or_path.split("/")[-1]
+        assert f"--model {size} --gpus 8 --gpu-mem 80 --cpu-mem 192 --batch 4 --seq 256" in path.read_text()
+        req = plan.Request(plan.PRESETS[size], gpus=8, gpu_mem_gb=80, cpu_mem_gb=192,
+                           batch=cfg.train.micro_batch_size, seq=cfg.data.max_source_length,
+                           target_len=cfg.data.max_target_length, prompt_length=cfg.prompt.length)
+        choice = plan.best(plan.plan(req))
+        assert (choice.setup.template, choice.setup.checkpointing) == (cfg.deepspeed.config,
+                                                                      cfg.model.gradient_checkpointing), path.name
+
+
+def test_cli_says_when_nothing_fits_and_rejects_unknown_dims(tmp_path):
+    proc = run_plan("--model", "t5-v1_1-xxl", "--gpu-mem", "8", "--batch", "64", "--seq", "2048",
+                    "--write", str(tmp_path / "x.json"))
+    assert proc.returncode == 1
+    assert "nothing fits: lower --batch (gradient accumulation keeps the global batch)" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+    proc = run_plan("--model", "d_model=512,layers=6")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bpt_ds.plan: error: --model: unknown T5 dimension 'layers'; use d_ff, d_kv,")
+    # Dimensions not given come from t5-v1_1-base; num_decoder_layers follows num_layers.
+    assert plan.resolve_dims("d_model=512,num_layers=6") == plan.replace(
+        plan.PRESETS["t5-v1_1-base"], d_model=512, num_layers=6, num_decoder_layers=6)
+    proc = run_plan("--model", "d_model=512,num_layers=6", "--write", "-")
+    assert proc.returncode == 0 and "backbone: 99.0M parameters" in proc.stdout
+
+
+def test_the_trainer_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_backbone_path, tmp_path):
+    from test_cli import run_cli
+
+    proc = run_cli("deepspeed.device_memory_gb=0.04", "deepspeed.memory_reserve_gb=0", f"output_dir={tmp_path}",
+                   cache=tiny_backbone_path.parent)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("bpt_ds: error: this run needs about 0.06 GiB per GPU (zero3, activation checkpointing off) but a "
+            "device has 0.04 GiB; the fastest setup that fits is replicated bf16 backbone (ZeRO-2: only the "
+            "prompt's state sharded) with activation checkpointing: deepspeed.config=ds_configs/replicated_bf16.json "
+            "model.gradient_checkpointing=true. Set deepspeed.memory_check=false to start anyway.") in proc.stderr
+    assert "zero3          no " in proc.stderr
+    assert "[bpt_ds] loading backbone" not in proc.stdout

@@ -1,0 +1,36 @@
+"""bench/scaling.py on CPU: the real training step at 1 and 2 ranks, a table, JSON and a plot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import ROOT, ds_env
+
+pytestmark = pytest.mark.distributed
+
+
+def test_scaling_bench_measures_one_and_two_ranks(tiny_backbone_path, tmp_path):
+    out = tmp_path / "scaling"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/scaling.py"), "--ranks", "1,2", "--models", "tiny",
+                           "--steps", "6", "--warmup", "2", "--batch-per-rank", "8", "--out", str(out),
+                           "--set", "model.dtype=fp32", "prompt.length=8"],
+                          env=ds_env(Path(tiny_backbone_path).parent, 2), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    points = report["points"]
+    assert [(p["model"], p["ranks"], p["global_batch"], p["steps_timed"]) for p in points] == [
+        ("tiny", 1, 8, 4), ("tiny", 2, 16, 4)]
+    one, two = points
+    assert one["efficiency"] == 1.0
+    assert two["tokens_per_s_per_rank"] == pytest.approx(two["tokens_per_s"] / 2)
+    assert two["efficiency"] == pytest.approx(two["tokens_per_s_per_rank"] / one["tokens_per_s_per_rank"])
+    assert one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert table[2] == "| model | ranks | global batch | tokens/s | tokens/s per rank | efficiency | peak MB per rank |"
+    assert table[4].startswith("| tiny | 1 | 8 | ") and table[5].startswith("| tiny | 2 | 16 | ")
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
