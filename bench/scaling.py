@@ -128,6 +128,19 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def split_models(text: str) -> list[str]:
+    """"tiny,random:d_model=64,num_layers=2" -> ["tiny", "random:d_model=64,num_layers=2"]: a part
+    that is a bare key=value continues the previous model's dimensions (';' separates too)."""
+    models: list[str] = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if models and "=" in part and ":" not in part:
+            models[-1] += "," + part
+        elif part:
+            models.append(part)
+    return models
+
+
 def device_name() -> str:
     try:
         import torch
@@ -143,8 +156,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
     ap.add_argument("--models", default="tiny",
-                    help="comma-separated model.name_or_path values: tiny, random:<T5 size>, a hub name or "
-                         "directory (default tiny). Separate models with ';' when a spec holds commas")
+                    help="comma-separated model.name_or_path values: tiny, random:<T5 size or dims>, a hub "
+                         "name or directory (default tiny)")
     ap.add_argument("--config", help="a run config to start from (default: the embedded tiny CPU run)")
     ap.add_argument("--batch-per-rank", type=int, default=8, help="micro-batch per rank (default 8)")
     ap.add_argument("--steps", type=int, default=12, help="training steps per point (default 12)")
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
         ap.error(f"--ranks expects integers >= 1; got {args.ranks!r}")
     if args.steps <= args.warmup:
         ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    models = [m.strip() for m in args.models.split(";" if ";" in args.models else ",") if m.strip()]
+    models = split_models(args.models)
     import torch
 
     on_gpu = torch.cuda.is_available()

@@ -72,12 +72,16 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
     assert len(rows) == 4 and len(rows[0].split("\t")) == 8 * 128
     assert len(next((two / "tb").glob("*/particle_tokens/tensors.tsv")).read_text().strip().splitlines()) == 32
     # The replicated backbone (ds_configs/replicated_bf16.json, ZeRO-2: what bpt_ds.plan picks
-    # when the weights fit on every GPU): the same particles as under ZeRO-3.
-    replicated = run_ds(2, TRAIN, f"output_dir={tmp_path / 'replicated'}", *SOURCE, "prompt.particles=4",
-                        "train.micro_batch_size=2", "deepspeed.config=ds_configs/replicated_bf16.json", cache=cache)
-    assert replicated.returncode == 0
-    assert "stored whole on every rank" in replicated.stdout
-    torch.testing.assert_close(particles(tmp_path / "replicated"), p2, rtol=0, atol=2e-5)
+    # when the weights fit on every GPU): the same first step as under ZeRO-3, and the same
+    # particles up to the rounding of ZeRO-2's other reduction order (measured 0.6% of the
+    # distance moved, like 1 against 2 ranks).
+    replicated = tmp_path / "replicated"
+    proc = run_ds(2, TRAIN, f"output_dir={replicated}", *SOURCE, "prompt.particles=4", "train.micro_batch_size=2",
+                  "train.log_every=1", "deepspeed.config=ds_configs/replicated_bf16.json", cache=cache)
+    assert proc.returncode == 0
+    assert "stored whole on every rank" in proc.stdout
+    assert scalars(replicated)["train/grad_norm"][0] == pytest.approx(logged["train/grad_norm"][0], rel=1e-6)
+    assert (particles(replicated) - p2).norm() < 0.02 * (p2 - start).norm()
     # bf16 (ZeRO-3 keeps fp32 master copies; SVGD runs on those): 1 and 2 ranks agree too.
     bf16 = [*SOURCE, "prompt.particles=4", "model.dtype=bf16", "train.micro_batch_size=4"]
     assert run_ds(1, TRAIN, f"output_dir={tmp_path / 'bf16-one'}", *bf16, cache=cache).returncode == 0

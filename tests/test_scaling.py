@@ -1,6 +1,7 @@
 """bench/scaling.py on CPU: the real training step at 1 and 2 ranks, a table, JSON and a plot."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,7 +16,9 @@ pytestmark = pytest.mark.distributed
 
 def test_scaling_bench_measures_one_and_two_ranks(tiny_backbone_path, tmp_path):
     out = tmp_path / "scaling"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/scaling.py"), "--ranks", "1,2", "--models", "tiny",
+    # A random-weight backbone of given T5 dimensions (model.name_or_path=random:...), as on GPU.
+    model = "random:d_model=64,d_ff=128,num_heads=4,d_kv=16,num_layers=2"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/scaling.py"), "--ranks", "1,2", "--models", model,
                            "--steps", "6", "--warmup", "2", "--batch-per-rank", "8", "--out", str(out),
                            "--set", "model.dtype=fp32", "prompt.length=8"],
                           env=ds_env(Path(tiny_backbone_path).parent, 2), cwd=tmp_path, capture_output=True,
@@ -24,7 +27,7 @@ def test_scaling_bench_measures_one_and_two_ranks(tiny_backbone_path, tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     points = report["points"]
     assert [(p["model"], p["ranks"], p["global_batch"], p["steps_timed"]) for p in points] == [
-        ("tiny", 1, 8, 4), ("tiny", 2, 16, 4)]
+        (model, 1, 8, 4), (model, 2, 16, 4)]
     one, two = points
     assert one["efficiency"] == 1.0
     assert two["tokens_per_s_per_rank"] == pytest.approx(two["tokens_per_s"] / 2)
@@ -32,5 +35,15 @@ def test_scaling_bench_measures_one_and_two_ranks(tiny_backbone_path, tmp_path):
     assert one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
     table = out.with_suffix(".md").read_text().splitlines()
     assert table[2] == "| model | ranks | global batch | tokens/s | tokens/s per rank | efficiency | peak MB per rank |"
-    assert table[4].startswith("| tiny | 1 | 8 | ") and table[5].startswith("| tiny | 2 | 16 | ")
+    assert table[4].startswith(f"| {model} | 1 | 8 | ") and table[5].startswith(f"| {model} | 2 | 16 | ")
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The random backbone: the dimensions asked for, the tiny tokenizer, no weights on disk.
+    built, = [m.parent for m in Path(tiny_backbone_path).parent.glob("random-t5-*/RANDOM_WEIGHTS")
+              if json.loads(m.read_text())["spec"] == model.removeprefix("random:")]
+    config = json.loads((built / "config.json").read_text())
+    assert (config["d_model"], config["d_ff"], config["num_heads"], config["num_layers"]) == (64, 128, 4, 2)
+    assert not list(built.glob("*.safetensors")) and (built / "tokenizer.json").is_file()
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "bench/scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    assert scaling.split_models(f"tiny,{model};random:t5-v1_1-xl") == ["tiny", model, "random:t5-v1_1-xl"]
