@@ -133,8 +133,10 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
         print(f"[bpt_ds] loading backbone {path} ({dtype}"
               f"{', partitioned by ZeRO-3 as it loads' if handle else ''})", flush=True)
     if (Path(path) / RANDOM_MARKER).is_file():
-        model = T5ForConditionalGeneration._from_config(T5ForConditionalGeneration.config_class.from_pretrained(path),
-                                                        dtype=DTYPES[dtype])
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        # from_config creates the weights under zero.Init when ZeRO-3 is on (the handle above).
+        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(path), dtype=DTYPES[dtype])
         if not getattr(model.config, "scale_decoder_outputs", True):  # v1.1 / flan sizes: lm_head of its own
             untie_lm_head(model, ds_config)
         init_random_weights(model, ds_config)

@@ -258,7 +258,10 @@ class Setup:
     template: str        # ds_configs/ file it writes
 
 
-SETUPS = [  # fastest first: all-gathers cost less than recomputing the forward pass
+# Fastest first. Assumed for GPUs on one fast interconnect: ZeRO-3's all-gathers overlap
+# compute and cost less than recomputing the forward pass. Over gloo on CPU they cost far more
+# (bench/README.md, scaling.py); GPU measurements are the performance benchmark's job.
+SETUPS = [
     Setup("replicated", False, "ds_configs/replicated_bf16.json"),
     Setup("zero3", False, "ds_configs/zero3_bf16.json"),
     Setup("replicated", True, "ds_configs/replicated_bf16.json"),

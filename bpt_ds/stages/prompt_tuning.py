@@ -163,14 +163,14 @@ class PromptTuning:
         self.init_tensors = init_tensors = (load_prompts_file(cfg.prompt.init_file)
                                             if cfg.prompt.init == "file" else None)
 
-        # The tokenizer and config are small: tokenize and check the prompt file now, so that
-        # over-long labels or a prompt of the wrong shape fail before the backbone loads.
         model_path = resolve_model_path(cfg.model.name_or_path, progress=self.is_main)
         # A run that cannot fit in device memory is refused before the weights load.
         fit = eng.check_memory(cfg, ds_config, model_path, self.placement.mode)
         if fit is not None:
             self._info(f"memory estimate: {fit.total / 2**30:.2f} GiB per device ({fit.setup.name}, activation "
                        f"checkpointing {'on' if fit.setup.checkpointing else 'off'}; python -m bpt_ds.plan)")
+        # The tokenizer and config are small: tokenize and check the prompt file now, so that
+        # over-long labels or a prompt of the wrong shape fail before the backbone loads.
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         d = cfg.data
         self.pad_id = self.tokenizer.pad_token_id
