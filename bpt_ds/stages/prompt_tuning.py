@@ -328,6 +328,20 @@ class PromptTuning:
             print(f"[bpt_ds] {message}", flush=True)
 
     # ------------------------------------------------------------------ train
+    def batches_at(self, step: int) -> tuple[list, list[dict]]:
+        """The global batch of a step (task, example) and this rank's micro-batches of it."""
+        picks = self.sampler.global_batch_at(step)
+        lo, hi = self.placement.rank_rows(self.rank)
+        row_particles = self.placement.row_particles(self.rank)
+        mine = picks[lo:hi]
+        micro = []
+        for i in range(0, len(mine), self.micro):
+            mb = collate(self.train_tasks, mine[i:i + self.micro], self.pad_id)
+            if row_particles is not None:
+                mb["particle_ids"] = row_particles[i:i + self.micro]
+            micro.append(mb)
+        return picks, micro
+
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc=f"{cfg.stage}",
@@ -337,17 +351,8 @@ class PromptTuning:
         window, window_samples, window_tokens = None, 0, 0
         window_start = time.perf_counter()
         self.hook = hook = self.grad_hook()
-        lo, hi = self.placement.rank_rows(self.rank)
-        row_particles = self.placement.row_particles(self.rank)
         while self.step < t.steps and not self.stopped:
-            picks = self.sampler.global_batch_at(self.step)
-            mine = picks[lo:hi]
-            micro = []
-            for i in range(0, len(mine), self.micro):
-                mb = collate(self.train_tasks, mine[i:i + self.micro], self.pad_id)
-                if row_particles is not None:
-                    mb["particle_ids"] = row_particles[i:i + self.micro]
-                micro.append(mb)
+            picks, micro = self.batches_at(self.step)
             # Dropout draws depend on (seed, step, rank) only, so a resumed run draws what an
             # uninterrupted one would have.
             torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
