@@ -17,6 +17,9 @@ windows (row A, row B, row C, row A, ...), so drift of the machine hits every ro
 - peft-our-batches: the same peft model fed exactly our micro-batches, which separates what
   the data pipeline gains (padded vs ours for peft) from what the step gains (peft on our
   batches vs ours).
+- ours-grouped (optional, --rows): ours with length-grouped batches (data.group_by_length,
+  --group-window steps pooled); its tokens/s is the figure to compare, since its steps hold
+  other examples than the other rows' steps.
 
 Examples: a synthetic two-label task whose input lengths follow a GLUE-like distribution:
 word counts lognormal with median 20 and sigma 0.7 (about: 50% under 20 words, 90% under 50,
@@ -117,7 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=3, help="timed windows per row (default 3)")
     ap.add_argument("--steps", type=int, default=4, help="steps per window (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (default 2)")
-    ap.add_argument("--rows", default="ours,peft-padded,peft-our-batches")
+    ap.add_argument("--rows", default="ours,peft-padded,peft-our-batches",
+                    help="comma-separated, from ours, ours-grouped (length-grouped batches, "
+                         "data.group_by_length), peft-padded, peft-our-batches")
+    ap.add_argument("--group-window", type=int, default=8,
+                    help="steps pooled per length group for the ours-grouped row (default 8)")
     ap.add_argument("--ds-config", default="auto", help="deepspeed.config for every row (default auto)")
     ap.add_argument("--dtype", default="auto", help="model.dtype (default auto: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOPs of one device, for MFU")
@@ -126,10 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures as JSON here (rank 0)")
     args = ap.parse_args(argv)
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(rows_wanted) - {"ours", "peft-padded", "peft-our-batches"}
+    unknown = set(rows_wanted) - {"ours", "ours-grouped", "peft-padded", "peft-our-batches"}
     if unknown:
-        ap.error(f"--rows: unknown {sorted(unknown)}; use ours, peft-padded, peft-our-batches")
-    if args.particles != 1 and set(rows_wanted) - {"ours"}:
+        ap.error(f"--rows: unknown {sorted(unknown)}; use ours, ours-grouped, peft-padded, peft-our-batches")
+    if args.particles != 1 and set(rows_wanted) - {"ours", "ours-grouped"}:
         ap.error("peft prompt tuning has one prompt: use --particles 1, or --rows ours")
 
     import torch
@@ -183,6 +190,21 @@ def main(argv=None) -> int:
 
     if "ours" in rows_wanted:
         rows.append(Row("ours", ours))
+    if "ours-grouped" in rows_wanted:
+        from bpt_ds.data.batching import LengthGroupedSampler
+
+        plain = stage.sampler
+        grouped = LengthGroupedSampler(plain, lambda pair: len(stage.train_tasks[pair[0]].inputs[pair[1]]),
+                                       args.group_window, cfg.seed)
+
+        def ours_grouped(step: int):
+            stage.sampler = grouped  # what data.group_by_length=W gives a run
+            try:
+                return ours(step)
+            finally:
+                stage.sampler = plain
+
+        rows.append(Row("ours-grouped", ours_grouped))
 
     if set(rows_wanted) & {"peft-padded", "peft-our-batches"}:
         peft_engine = build_peft(stage, cfg, args)

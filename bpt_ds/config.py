@@ -109,6 +109,10 @@ class DataConfig:
     max_target_length: int = 8
     # Cap on evaluation examples per task (0 = all).
     max_eval_examples: int = 0
+    # Length-grouped batches: the examples of every W consecutive steps are sorted by length
+    # and regrouped into W batches of similar lengths (less padding); 0 = off. Stages pt,
+    # spot, bmtpt-source and target (the MPT stages sample per task).
+    group_by_length: int = 0
 
 
 @dataclass
@@ -533,7 +537,7 @@ def validate(cfg: RunConfig) -> None:
         ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
         ("train.patience", t.patience), ("train.warmup_steps", t.warmup_steps),
         ("prompt.factors.rank", p.factors.rank), ("data.max_eval_examples", d.max_eval_examples),
-        ("data.few_shot", d.few_shot),
+        ("data.few_shot", d.few_shot), ("data.group_by_length", d.group_by_length),
     ]:
         _require(value >= 0, f"config key '{key}' must be >= 0; got {value}")
     for key, value, low in [
@@ -552,6 +556,9 @@ def validate(cfg: RunConfig) -> None:
             f"train.micro_batch_size ({t.micro_batch_size})",
         )
     _require(len(d.tasks) > 0, "config key 'data.tasks' must name at least one task")
+    _require(not (d.group_by_length and cfg.stage in ("mpt-teachers", "mpt-distill")),
+             f"data.group_by_length does not apply to stage '{cfg.stage}', which samples each task on its own; "
+             "set data.group_by_length=0")
     from .data.tasks import check_task_names
 
     check_task_names(d)

@@ -118,6 +118,40 @@ def pad_candidates(label_ids: list[list[int]]) -> torch.Tensor:
     return _pad(label_ids, IGNORE)
 
 
+class LengthGroupedSampler:
+    """Length-grouped batches over another sampler's stream (data.group_by_length = W).
+
+    The global batches of steps [k·W, (k+1)·W) are pooled, sorted by input length (ties by
+    stream position) and cut into W batches of similar lengths, so padding to the longest
+    row of a micro-batch wastes little; the W batches go to the W steps in an order seeded by
+    (seed, k), and each batch's rows are shuffled (seeded by (seed, k, b)) so that no particle
+    block of a batch always gets its shortest rows. Every example is used within the same W
+    steps as without grouping, and the batch of a step is still a pure function of
+    (seed, step): a resumed run needs no state.
+    """
+
+    def __init__(self, base, lengths, window: int, seed: int):
+        self.base = base
+        self.lengths = lengths          # (task, example) -> input length in tokens
+        self.window = window
+        self.seed = seed
+        self._cache: dict[int, list[list[tuple[int, int]]]] = {}
+
+    def global_batch_at(self, step: int) -> list[tuple[int, int]]:
+        k, w = divmod(step, self.window)
+        if k not in self._cache:
+            pool = [pair for s in range(k * self.window, (k + 1) * self.window)
+                    for pair in self.base.global_batch_at(s)]
+            size = len(pool) // self.window
+            order = sorted(range(len(pool)), key=lambda j: (self.lengths(pool[j]), j))
+            batches = [[pool[j] for j in order[b * size:(b + 1) * size]] for b in range(self.window)]
+            for b, batch in enumerate(batches):
+                np.random.default_rng([self.seed, 7919, k, b]).shuffle(batch)
+            steps = np.random.default_rng([self.seed, 7919, k]).permutation(self.window)
+            self._cache = {k: [batches[int(b)] for b in steps]}
+        return list(self._cache[k][w])
+
+
 class TaskBlockSampler:
     """Block k of the global batch comes from task k (stage mpt-teachers: teacher k = particle k
     owns block k, engine.Placement "split"). Block positions p = step·b + i walk task k's own

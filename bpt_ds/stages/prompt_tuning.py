@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoTokenizer
 from .. import engine as eng
 from ..backbone import load_backbone, resolve_model_path, sample_vocab_embeddings
 from ..config import ConfigError, RunConfig, to_dict, to_yaml
-from ..data.batching import MixtureSampler, collate, encode_task
+from ..data.batching import LengthGroupedSampler, MixtureSampler, collate, encode_task
 from ..data.tasks import DataError, load_task
 from ..metrics import compute as compute_metrics
 from ..model import PromptedT5
@@ -287,7 +287,12 @@ class PromptTuning:
 
     def make_sampler(self, sizes: list[int]):
         """Which (task, example) pairs make the global batch of each step."""
-        return MixtureSampler(sizes, self.cfg.train.global_batch_size, self.cfg.seed)
+        sampler = MixtureSampler(sizes, self.cfg.train.global_batch_size, self.cfg.seed)
+        if self.cfg.data.group_by_length:
+            tasks = self.train_tasks
+            sampler = LengthGroupedSampler(sampler, lambda pair: len(tasks[pair[0]].inputs[pair[1]]),
+                                           self.cfg.data.group_by_length, self.cfg.seed)
+        return sampler
 
     def make_model(self, backbone, bank: PromptBank) -> PromptedT5:
         """The module DeepSpeed wraps: the frozen backbone with the prompt bank in front."""
