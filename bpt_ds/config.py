@@ -576,13 +576,14 @@ def validate(cfg: RunConfig) -> None:
     sv, pr, ds = cfg.svgd, cfg.prior, cfg.deepspeed
     for key, value in [("svgd.bandwidth", sv.bandwidth), ("svgd.likelihood_scale", sv.likelihood_scale),
                        ("svgd.prior_std", sv.prior_std), ("prior.bandwidth", pr.bandwidth),
-                       ("deepspeed.device_memory_gb", ds.device_memory_gb),
-                       ("deepspeed.timeout_minutes", ds.timeout_minutes)]:
+                       ("deepspeed.device_memory_gb", ds.device_memory_gb)]:
         if value is not None:
             _require(math.isfinite(value) and value > 0,
                      f"config key '{key}' must be a finite number > 0 (or null); got {value}")
     _require(math.isfinite(sv.init_noise) and sv.init_noise >= 0,
              f"config key 'svgd.init_noise' must be a finite number >= 0; got {sv.init_noise}")
+    _require(math.isfinite(ds.timeout_minutes) and ds.timeout_minutes > 0,
+             f"config key 'deepspeed.timeout_minutes' must be a finite number > 0; got {ds.timeout_minutes}")
     _require(math.isfinite(ds.memory_reserve_gb) and ds.memory_reserve_gb >= 0,
              f"config key 'deepspeed.memory_reserve_gb' must be a finite number >= 0; got {ds.memory_reserve_gb}")
     _require(math.isfinite(pr.min_var) and pr.min_var > 0,

@@ -55,6 +55,10 @@ def test_yaml_then_overrides(tmp_path):
                          "got 'gauss'"),
     ("prior.beta=0.5", "prior.beta=0.5 applies to stage 'target' only; this run is stage 'pt' (set prior.beta=0)"),
     ("prior.min_var=0", "config key 'prior.min_var' must be a finite number > 0; got 0.0"),
+    ("data.group_by_length=-1", "config key 'data.group_by_length' must be >= 0; got -1"),
+    ("deepspeed.timeout_minutes=0", "config key 'deepspeed.timeout_minutes' must be a finite number > 0; got 0.0"),
+    ("deepspeed.memory_reserve_gb=-1", "config key 'deepspeed.memory_reserve_gb' must be a finite number >= 0; "
+                                       "got -1.0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -105,6 +109,13 @@ def test_shipped_configs_are_valid(path):
     from bpt_ds.stages import STAGES
 
     assert runs and all(cfg.stage in STAGES for _, cfg in runs)
+
+
+def test_length_grouping_is_refused_where_tasks_are_sampled_on_their_own():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["stage=mpt-teachers", "data.tasks=[sentiment, mood]", "data.group_by_length=5"])
+    assert str(e.value) == ("data.group_by_length does not apply to stage 'mpt-teachers', which samples each task "
+                            "on its own; set data.group_by_length=0")
 
 
 def test_bmtpt_source_rejects_weight_decay():
