@@ -340,7 +340,8 @@ def build_peft(stage, cfg, args):
     from bpt_ds.backbone import load_backbone
 
     ds_config = stage_ds_config(stage)
-    backbone = load_backbone(stage.backbone.path, ds_config, eng.ds_dtype(ds_config), progress=False)
+    backbone = load_backbone(stage.backbone.path, ds_config, eng.ds_dtype(ds_config), progress=False,
+                             attn_implementation=cfg.model.attn_implementation)
     d = backbone.model.config.d_model
     model = get_peft_model(backbone.model, PromptTuningConfig(
         task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=args.prompt_length, token_dim=d,

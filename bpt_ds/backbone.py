@@ -126,7 +126,7 @@ def is_zero3(ds_config: dict) -> bool:
 
 
 def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
-                  progress: bool = True) -> Backbone:
+                  progress: bool = True, attn_implementation: str = "sdpa") -> Backbone:
     path = resolve_model_path(name_or_path, progress)
     handle = HfDeepSpeedConfig(ds_config) if is_zero3(ds_config) else None
     if progress:
@@ -136,14 +136,16 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
         # from_config creates the weights under zero.Init when ZeRO-3 is on (the handle above).
-        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(path), dtype=DTYPES[dtype])
+        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(path), dtype=DTYPES[dtype],
+                                                  attn_implementation=attn_implementation)
         if not getattr(model.config, "scale_decoder_outputs", True):  # v1.1 / flan sizes: lm_head of its own
             untie_lm_head(model, ds_config)
         init_random_weights(model, ds_config)
         model.requires_grad_(False)
         return Backbone(model, path, handle, False)
     try:
-        model = T5ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        model = T5ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
+                                                           attn_implementation=attn_implementation)
     except OSError as e:
         raise FileNotFoundError(
             f"could not load model.name_or_path='{name_or_path}': {e}. Give a local directory "

@@ -23,13 +23,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # "tiny" builds (or reuses) the project's own tiny T5; anything else goes to
-    # T5ForConditionalGeneration.from_pretrained (hub name or local directory).
+    # "tiny" builds (or reuses) the project's own tiny T5; "random:<size>" (random:t5-v1_1-xl,
+    # random:d_model=512,num_layers=6) a published T5 architecture with random weights, for
+    # timing and memory work; anything else goes to T5ForConditionalGeneration.from_pretrained
+    # (hub name or local directory).
     name_or_path: str = "tiny"
     # T5 overflows in fp16, so fp16 is not offered. auto: bf16 on GPUs, fp32 on CPU
     # (bf16 matmuls on CPUs without native bf16 units are several times slower).
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    # Attention kernel: sdpa (torch's scaled_dot_product_attention, transformers' default for
+    # T5) or eager (the reference implementation, which keeps every score matrix).
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 @dataclass

@@ -411,6 +411,7 @@ def check_run(cfg, ds_config: dict, model_path: str, placement: str, world: int,
                   prompt_length=cfg.prompt.length, particles=cfg.prompt.particles,
                   placement=placement, factor_rank=cfg.prompt.factors.rank,
                   tasks=len(cfg.data.tasks), dtype="bf16" if ds_config["bf16"]["enabled"] else "fp32",
+                  attention=cfg.model.attn_implementation,
                   reserve_gb=cfg.deepspeed.memory_reserve_gb, margin=0.1)
     mine = estimate(req, setup_of(ds_config, cfg.model.gradient_checkpointing))
     if mine.fits:

@@ -197,7 +197,8 @@ class PromptTuning:
 
         # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
         self.backbone = backbone = load_backbone(model_path, ds_config, eng.ds_dtype(ds_config),
-                                                 progress=self.is_main)
+                                                 progress=self.is_main,
+                                                 attn_implementation=cfg.model.attn_implementation)
         if cfg.model.gradient_checkpointing:
             model = backbone.model
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
