@@ -26,7 +26,9 @@ word counts lognormal with median 20 and sigma 0.7 (about: 50% under 20 words, 9
 a tail to --seq), cut at --seq tokens. The measured token-length percentiles are reported.
 
 Reported per row: samples/s and tokens/s (real tokens: inputs plus targets, no padding, no
-prompt) for the whole job, their ratio to ours, peak memory per rank, for stage bmtpt-source
+prompt) for the whole job, their ratio to ours, peak memory per rank (on a GPU the peak of
+the row's own windows, which still counts the other rows' resident weights: run --rows ours
+for ours alone; on CPU the process's peak RSS over all rows), for stage bmtpt-source
 the share of the step in the SVGD hook (all-gathers of particles and gradients plus the
 kernel math), and the model FLOPs rate. Model FLOPs of a prompt-tuning step, per example:
 2·F_linear + 3·F_attn, with F the forward FLOPs (2 per multiply-add) of the linear layers
