@@ -7,20 +7,28 @@
 #   ../shared/tools/device-wheels.sh            # here, once: DeepSpeed and friends into .whl
 #   # on the GPU machine (carry .whl), from the project root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bench/gpu_suite.sh
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH \
+#       && bench/gpu_suite.sh
 #
+# Sized for one call of at most 10 minutes: 6 runs of at most PER_RUN_TIMEOUT (90 s) each.
 # Knobs (environment): MODELS, BATCH, SEQ, PROMPT, STEPS, WINDOWS, PER_RUN_TIMEOUT. On CPU the
 # same script runs as a smoke test: MODELS=tiny BATCH=8 SEQ=64 PROMPT=8 bench/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The deepspeed launcher, also where pip --target left its script off PATH.
+if command -v deepspeed > /dev/null; then
+    LAUNCH=(deepspeed)
+else
+    LAUNCH=(python3 -m deepspeed.launcher.runner)
+fi
 OUT="${OUT:-bench/results}"
-MODELS="${MODELS:-random:t5-v1_1-base random:t5-v1_1-large random:t5-v1_1-xl random:t5-v1_1-xxl}"
+MODELS="${MODELS:-random:t5-v1_1-base random:t5-v1_1-xl random:t5-v1_1-xxl}"
 BATCH="${BATCH:-32}"
 SEQ="${SEQ:-256}"
 PROMPT="${PROMPT:-100}"
 STEPS="${STEPS:-5}"
 WINDOWS="${WINDOWS:-3}"
-PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-240}"
+PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-90}"
 export BPT_DS_CACHE="${BPT_DS_CACHE:-/tmp/bpt_ds_cache}"
 mkdir -p "$OUT"
 failed=0
@@ -29,7 +37,7 @@ run() {  # name, then bench/throughput.py arguments
     local name="$1"
     shift
     echo "== $name"
-    if ! timeout "$PER_RUN_TIMEOUT" deepspeed --num_gpus 1 bench/throughput.py --batch "$BATCH" --micro "$BATCH" \
+    if ! timeout -k 10 "$PER_RUN_TIMEOUT" "${LAUNCH[@]}" --num_gpus 1 bench/throughput.py --batch "$BATCH" \
             --seq "$SEQ" --prompt-length "$PROMPT" --target-len 8 --steps "$STEPS" --windows "$WINDOWS" \
             --json "$OUT/throughput_${name}.json" "$@"; then
         echo "== $name failed or timed out (see above)"
@@ -39,12 +47,16 @@ run() {  # name, then bench/throughput.py arguments
 
 for model in $MODELS; do
     tag="${model#random:}"
-    # The largest sizes load through ZeRO-3 (zero.Init draws the weights on the GPU); the
-    # replicated backbone is measured where a second copy for the peft rows still fits.
     case "$tag" in
-        *xxl) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json ;;
-        *) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json
-           run "${tag}_replicated" --model "$model" --ds-config ds_configs/replicated_bf16.json --rows ours ;;
+        # XXL: ZeRO-3 (zero.Init draws the weights on the GPU), ours only, with activation
+        # checkpointing (python -m bpt_ds.plan --model t5-v1_1-xxl --batch 32 --seq 256
+        # --prompt-length 100: ~91 GiB without it, ~33 GiB with it on one GPU).
+        *xxl) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json --rows ours \
+                  --micro "$BATCH" --set model.gradient_checkpointing=true ;;
+        # Ours against both peft rows, then the replicated backbone (ours only) at the same size.
+        *) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json --micro "$BATCH"
+           run "${tag}_replicated" --model "$model" --ds-config ds_configs/replicated_bf16.json --rows ours \
+               --micro "$BATCH" ;;
     esac
 done
 # SVGD's share of the step at M = 8 on the XL-sized backbone (or the first model on CPU).

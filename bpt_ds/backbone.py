@@ -106,13 +106,14 @@ def random_backbone_dir(spec: str, progress: bool = True) -> Path:
 
 @torch.no_grad()
 def init_random_weights(model: T5ForConditionalGeneration, ds_config: dict, seed: int = 0) -> None:
-    """Deterministic random weights (normal, std d_model^-0.5; norms 1), written by rank 0 into
-    each gathered parameter, so every world size gets the same backbone."""
+    """Deterministic random weights (normal, std d_model^-0.5; norms 1), so every rank and
+    every world size gets the same backbone: under ZeRO-3 rank 0 writes each gathered
+    parameter and DeepSpeed re-partitions it; otherwise every rank draws the same values."""
     import torch.distributed as dist
 
     gen = torch.Generator().manual_seed(seed)
     std = model.config.d_model ** -0.5
-    first = not dist.is_initialized() or dist.get_rank() == 0
+    first = not is_zero3(ds_config) or not dist.is_initialized() or dist.get_rank() == 0
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=is_zero3(ds_config)):
             if first:

@@ -23,8 +23,10 @@ L the largest layer's parameter count, as DeepSpeed counts them):
   input and recomputes one block at a time.
 - a fixed reserve (CUDA context, NCCL buffers, allocator slack) and a relative margin.
 
-It is an estimate, deliberately on the safe side (eager attention scores and dropout masks
-are counted even where SDPA kernels avoid them).
+It is an estimate, on the safe side: against the tensors autograd keeps for transformers' T5
+(eager attention, tests/test_plan.py) it is 1.0 to 1.6 times the measured bytes. With SDPA
+(the default) the per-block score matrices are not counted, as its GPU kernels do not keep
+them; on CPU, where T5's position bias sends SDPA to its math kernel, they are kept.
 """
 from __future__ import annotations
 
@@ -207,25 +209,26 @@ def activation_bytes(d: T5Dims, rows: int, source_len: int, target_len: int, *,
     `source_len` S; T target tokens) kept for the backward pass to the prompt, plus the
     working set of the backward pass. w = bytes per activation, i = heads x d_kv, f = d_ff.
 
-    Per encoder block, per token: w·(4d + 4i) for norms, q/k/v, context and residual; the FFN
-    w·7f (gated GELU: transformers' tanh GELU keeps several f-sized intermediates) or w·2f
-    (ReLU); attention w·2·h·S for scores and probabilities (eager) or an fp32 log-sum-exp per
-    head (SDPA, transformers' default for T5; the position bias h·S² is then counted once per
-    stack); dropout: a byte of mask plus the dropped copy, (w + 1) per element of the
-    attention probabilities (eager), of two residual branches (2d) and of the FFN hidden (f).
-    Per decoder block: the same over T tokens with self- and cross-attention (w·(6d + 6i) per
-    token), the encoder output's keys and values and the cross-attention bias, w·(3i·S + h·T·S).
-    The loss keeps the logits plus an fp32 copy and its log-softmax: (w + 8)·T·V per row.
-    Backward needs one block's worth on top. Checkpointing keeps each block's input and
-    recomputes one block at a time (two blocks' worth: recomputed activations and their
-    gradients). Calibrated against the tensors autograd saves for transformers' T5 on CPU
-    (tests/test_plan.py); on the safe side by 10-50%.
+    Per encoder block, per token: w·(d + i) for the norm, attention and residual tensors that
+    are not shared with others; the FFN w·6f (gated GELU: transformers' tanh GELU keeps several
+    f-sized intermediates) or w·f (ReLU); attention w·2·h·S for scores and probabilities
+    (eager) or an fp32 log-sum-exp per head (SDPA, transformers' default for T5; the position
+    bias h·S² is then counted once per stack); dropout: a byte of mask plus the dropped copy,
+    (w + 1) per element of the attention probabilities (eager), of two residual branches (2d)
+    and of the FFN hidden (f). Per decoder block, per target token: self- and cross-attention
+    w·2(d + i), the FFN, scores w·2·h·(T + S) (eager), dropout (w + 1)·(h·(T + S) + 4d + f); per
+    row the encoder output's keys and values, w·2i·S. The loss keeps the logits plus an fp32
+    copy and its log-softmax: (w + 8)·T·V per row. Backward needs one block's worth on top.
+    Checkpointing keeps each block's input and recomputes one block at a time (two blocks'
+    worth: recomputed activations and their gradients). The coefficients are fitted to the
+    tensors autograd keeps for transformers' T5 (tests/test_plan.py checks 1.0 to 1.6 times
+    what it keeps).
     """
     if attention not in ("sdpa", "eager"):
         raise PlanError(f"attention must be sdpa or eager; got {attention!r}")
     S, T, dm, f, i, h, V = source_len, target_len, d.d_model, d.d_ff, d.inner, d.num_heads, d.vocab_size
     w = act_bytes
-    ffn = (7 if d.gated else 2) * f
+    ffn = (6 if d.gated else 1) * f
     keep = (w + 1) if dropout else 0
     if attention == "eager":
         enc_attn = (2 * w + keep) * h * S * S
@@ -234,9 +237,9 @@ def activation_bytes(d: T5Dims, rows: int, source_len: int, target_len: int, *,
     else:
         enc_attn, dec_attn = 4 * h * S, 4 * h * 2 * T
         bias = w * h * (S * S + T * T)
-    enc_block = w * S * (4 * dm + 4 * i + ffn) + enc_attn + keep * S * (2 * dm + f)
-    dec_block = (w * (T * (6 * dm + 6 * i + ffn) + 3 * i * S + h * T * S) + dec_attn
-                 + keep * T * (3 * dm + f))
+    enc_block = w * S * (dm + i + ffn) + enc_attn + keep * S * (2 * dm + f)
+    dec_block = (w * (T * (2 * dm + 2 * i + ffn) + 2 * i * S) + dec_attn
+                 + keep * T * (4 * dm + f))
     logits = (w + 8) * T * V
     embeddings = w * (S + T) * dm + bias
     work = max(enc_block, dec_block)

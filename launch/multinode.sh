@@ -9,8 +9,9 @@
 #
 # Environment for every rank: the launcher forwards NCCL_*, PYTHON* (and UCX_*, MV2_*) by
 # itself; everything else must be listed in a .deepspeed_env file (KEY=VALUE lines, read from
-# $HOME and the current directory, or the file DS_ENV_FILE names). This script writes one for
-# the job with the variables below and points DS_ENV_FILE at it.
+# $HOME and the current directory, or only the file DS_ENV_FILE names). This script writes one
+# for the job (your own ~/.deepspeed_env and ./.deepspeed_env lines, then the variables below)
+# and points DS_ENV_FILE at it.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! -f "$1" ]]; then
@@ -24,19 +25,25 @@ cd "$ROOT"
 
 # Node 0 of the hostfile is the rendezvous point; override MASTER_ADDR with its
 # high-speed-network address if `hostname -I` of that node would give the wrong one.
-FIRST_NODE="$(grep -v '^[[:space:]]*#' "$HOSTFILE" | awk 'NF {print $1; exit}')"
+FIRST_NODE="$(awk '!/^[[:space:]]*#/ && NF {print $1; exit}' "$HOSTFILE")"
 MASTER_ADDR="${MASTER_ADDR:-$FIRST_NODE}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 ENV_FILE="$(mktemp "${TMPDIR:-/tmp}/bpt_ds_env.XXXXXX")"
 trap 'rm -f "$ENV_FILE"' EXIT
 {
+    # With DS_ENV_FILE set the launcher reads only that file: keep the user's own first.
+    for own in "$HOME/.deepspeed_env" "$ROOT/.deepspeed_env"; do
+        if [[ -f "$own" ]]; then
+            grep -v '^[[:space:]]*\(#\|$\)' "$own" || true
+        fi
+    done
     # Shared caches: the tiny backbone, datasets and hub files are built or fetched once.
     echo "BPT_DS_CACHE=${BPT_DS_CACHE:-$HOME/.cache/bpt_ds}"
     echo "HF_HOME=${HF_HOME:-$HOME/.cache/huggingface}"
     echo "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}"
-    # A rank that hangs in a collective is torn down after deepspeed.timeout_minutes
-    # (NCCL's watchdog) instead of blocking the job forever.
+    # NCCL's watchdog tears down a rank whose collective outlives deepspeed.timeout_minutes
+    # (torch's default, made explicit) instead of blocking the job forever.
     echo "TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
     echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}"
     echo "PYTHONPATH=${ROOT}${PYTHONPATH:+:$PYTHONPATH}"

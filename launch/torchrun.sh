@@ -13,7 +13,7 @@ cd "$ROOT"
 
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}"
 if [[ "$GPUS_PER_NODE" -lt 1 ]]; then
     GPUS_PER_NODE=1  # no GPU: one CPU rank
 fi

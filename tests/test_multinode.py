@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs import TRAIN, start_two_nodes
+from jobs import ROOT, TRAIN, start_two_nodes
 from test_distributed import SHORT_RUN
 
 pytestmark = pytest.mark.distributed
@@ -62,3 +62,33 @@ def test_a_hung_node_ends_the_job_with_the_lost_rank_named(cache, tmp_path):
     assert ("bpt_ds: error: rank 0: lost contact with the job: rank(s) 1 did not answer. A collective failed: "
             in stderr), stderr[-3000:]
     assert "rerun the same command: it resumes from the newest checkpoint (train.resume=auto)" in stderr
+
+
+def test_pdsh_script_passes_arguments_and_environment_to_the_launcher(tmp_path):
+    """launch/multinode.sh with a stand-in `deepspeed` that records what it was given."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "deepspeed").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_OUT.args"\n'
+                                       'cp "$DS_ENV_FILE" "$FAKE_OUT.env"\necho "$DS_ENV_FILE" > "$FAKE_OUT.path"\n')
+    (bin_dir / "deepspeed").chmod(0o755)
+    (home / ".deepspeed_env").write_text("# mine\nMY_SETTING=on\n\n")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# the cluster\nnode-a slots=2\nnode-b slots=2\n")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", HOME=str(home),
+               FAKE_OUT=str(tmp_path / "got"), BPT_DS_CACHE="/shared/cache dir")
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", str(ROOT / "launch/multinode.sh"), str(hostfile), "--config", "my config.yaml",
+                           "train.steps=3"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "got.args").read_text().splitlines() == [
+        "--hostfile", str(hostfile.resolve()), "--master_addr", "node-a", "--master_port", "29500",
+        "launch/train.py", "--config", "my config.yaml", "train.steps=3"]
+    lines = (tmp_path / "got.env").read_text().splitlines()
+    assert lines[0] == "MY_SETTING=on"  # the user's own .deepspeed_env first, comments dropped
+    assert {"BPT_DS_CACHE=/shared/cache dir", "TORCH_NCCL_ASYNC_ERROR_HANDLING=3", f"PYTHONPATH={ROOT}"} <= set(lines)
+    assert not Path((tmp_path / "got.path").read_text().strip()).exists()  # the job's env file is cleaned up
+    proc = subprocess.run(["bash", str(ROOT / "launch/multinode.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: " in proc.stderr and "HOSTFILE" in proc.stderr

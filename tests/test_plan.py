@@ -82,20 +82,23 @@ def test_frozen_weights_cost_only_their_bf16_bytes():
 
 
 def saved_activation_bytes(config: T5Config, rows: int, source: int, prompt: int, target: int,
-                           checkpointing: bool) -> int:
-    """Bytes of the distinct storages autograd keeps for backward, prompt-tuning a frozen T5."""
+                           checkpointing: bool, dtype=torch.float32) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, prompt-tuning a frozen T5
+    (the frozen weights it also keeps references to are not activations: left out)."""
     torch.manual_seed(0)
     config._attn_implementation = "eager"
-    model = T5ForConditionalGeneration(config).train().requires_grad_(False)
+    model = T5ForConditionalGeneration(config).to(dtype).train().requires_grad_(False)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    soft = torch.randn(prompt, config.d_model, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    soft = torch.randn(prompt, config.d_model, dtype=dtype, requires_grad=True)
     ids = torch.randint(3, config.vocab_size, (rows, source))
     labels = torch.randint(3, config.vocab_size, (rows, target))
     seen = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -104,18 +107,20 @@ def saved_activation_bytes(config: T5Config, rows: int, source: int, prompt: int
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("gated,dropout", [(True, 0.1), (False, 0.1), (True, 0.0)])
-def test_activation_estimate_covers_what_autograd_keeps(gated, dropout):
+@pytest.mark.parametrize("gated,dropout,dtype", [(True, 0.1, torch.float32), (False, 0.1, torch.float32),
+                                                 (True, 0.0, torch.float32), (True, 0.1, torch.bfloat16)])
+def test_activation_estimate_covers_what_autograd_keeps(gated, dropout, dtype):
     config = small_config(gated, tied=False, dropout_rate=dropout)
     rows, source, prompt, target = 4, 40, 8, 8
-    measured = saved_activation_bytes(config, rows, source, prompt, target, checkpointing=False)
+    w = 2 if dtype == torch.bfloat16 else 4
+    measured = saved_activation_bytes(config, rows, source, prompt, target, checkpointing=False, dtype=dtype)
     est = plan.activation_bytes(plan.dims_from_config(config), rows, source + prompt, target, checkpointing=False,
-                                act_bytes=4, dropout=dropout > 0, attention="eager")
+                                act_bytes=w, dropout=dropout > 0, attention="eager")
     # Safe side, but not wildly so.
     assert measured <= est <= 1.6 * measured
-    kept = saved_activation_bytes(config, rows, source, prompt, target, checkpointing=True)
+    kept = saved_activation_bytes(config, rows, source, prompt, target, checkpointing=True, dtype=dtype)
     est_ckpt = plan.activation_bytes(plan.dims_from_config(config), rows, source + prompt, target,
-                                     checkpointing=True, act_bytes=4, dropout=dropout > 0, attention="eager")
+                                     checkpointing=True, act_bytes=w, dropout=dropout > 0, attention="eager")
     assert kept <= est_ckpt < est
 
 
@@ -183,12 +188,17 @@ def test_cli_says_when_nothing_fits_and_rejects_unknown_dims(tmp_path):
 def test_the_trainer_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_backbone_path, tmp_path):
     from test_cli import run_cli
 
-    proc = run_cli("deepspeed.device_memory_gb=0.04", "deepspeed.memory_reserve_gb=0", f"output_dir={tmp_path}",
+    proc = run_cli("deepspeed.device_memory_gb=0.03", "deepspeed.memory_reserve_gb=0", f"output_dir={tmp_path}",
                    cache=tiny_backbone_path.parent)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert ("bpt_ds: error: this run needs about 0.06 GiB per GPU (zero3, activation checkpointing off) but a "
-            "device has 0.04 GiB; the fastest setup that fits is replicated bf16 backbone (ZeRO-2: only the "
+    assert ("bpt_ds: error: this run needs about 0.04 GiB per GPU (zero3, activation checkpointing off) but a "
+            "device has 0.03 GiB; the fastest setup that fits is replicated bf16 backbone (ZeRO-2: only the "
             "prompt's state sharded) with activation checkpointing: deepspeed.config=ds_configs/replicated_bf16.json "
             "model.gradient_checkpointing=true. Set deepspeed.memory_check=false to start anyway.") in proc.stderr
     assert "zero3          no " in proc.stderr
     assert "[bpt_ds] loading backbone" not in proc.stdout
+    proc = run_cli("deepspeed.device_memory_gb=0.01", "deepspeed.memory_reserve_gb=0", f"output_dir={tmp_path}",
+                   cache=tiny_backbone_path.parent)
+    assert proc.returncode == 2
+    assert ("but a device has 0.01 GiB; no setup fits: lower train.micro_batch_size (gradient accumulation keeps "
+            "the global batch), data.max_source_length or prompt.length, or use more GPUs.") in proc.stderr

@@ -30,7 +30,6 @@ def test_throughput_bench_times_ours_and_peft_on_the_same_examples(tiny_backbone
     # so samples/s and tokens/s keep one ratio across rows.
     ratio = {name: r["tokens_per_s"] / r["samples_per_s"] for name, r in rows.items()}
     assert ratio["peft-padded"] == pytest.approx(ratio["ours"]) == pytest.approx(ratio["peft-our-batches"])
-    assert rows["ours"]["samples_per_s_vs_ours"] == 1.0
     assert rows["peft-padded"]["samples_per_s_vs_ours"] == pytest.approx(
         rows["peft-padded"]["samples_per_s"] / rows["ours"]["samples_per_s"])
     # A GLUE-like length distribution: short typical inputs, a long tail.
@@ -42,20 +41,36 @@ def test_throughput_bench_times_ours_and_peft_on_the_same_examples(tiny_backbone
     assert "| ours | " in proc.stdout and "| peft-padded | " in proc.stdout
 
 
-def test_model_flops_of_a_step_follow_the_documented_formula():
-    """One example, one encoder and one decoder block, worked by hand."""
+@pytest.mark.parametrize("gated", [True, False])
+def test_model_flops_of_a_step_match_torchs_flop_counter(gated):
+    """The documented formula against torch's FlopCounterMode on a real forward + backward of a
+    frozen T5 with a prompt that trains: the formula counts the decoder's first self-attention
+    block as if it had gradients, which it has not (its input is the label embedding): a few
+    per cent too high at these tiny sizes, less at real ones."""
     import importlib.util
 
-    from bpt_ds.plan import T5Dims
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from bpt_ds.plan import dims_from_config
 
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench/throughput.py")
     tp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tp)
-    d = T5Dims(d_model=4, d_ff=8, d_kv=2, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=10)
-    s, t = 3 + 2, 1  # prompt 3 + input 2 encoder tokens; 1 target token
-    i = 4
-    linear = 2 * (s * (4 * 4 * i + 3 * 4 * 8) + s * 2 * 4 * i + t * (6 * 4 * i + 3 * 4 * 8 + 4 * 10))
-    attn = 2 * 2 * i * (s * s + t * t + t * s)
-    assert tp.step_flops(d, 3, [2], [1], 1) == 2 * linear + 3 * attn
+    config = T5Config(d_model=64, d_ff=160, num_heads=4, d_kv=16, num_layers=2, num_decoder_layers=2, vocab_size=300,
+                      feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=False,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    config._attn_implementation = "eager"
+    model = T5ForConditionalGeneration(config).requires_grad_(False)
+    prompt, source, target = 5, 11, 3
+    soft = torch.randn(1, prompt, 64, requires_grad=True)
+    ids, labels = torch.randint(3, 300, (1, source)), torch.randint(3, 300, (1, target))
+    with FlopCounterMode(display=False) as counter:
+        x = torch.cat([soft, model.get_input_embeddings()(ids)], 1)
+        model(inputs_embeds=x, labels=labels).loss.backward()
+    counted = counter.get_total_flops()
+    formula = tp.step_flops(dims_from_config(config), prompt, [source], [target], 1)
+    assert counted <= formula <= 1.02 * counted
     # Every particle on every row (stage pt with M particles) is M times the work.
-    assert tp.step_flops(d, 3, [2], [1], 4) == 4 * (2 * linear + 3 * attn)
+    assert tp.step_flops(dims_from_config(config), prompt, [source], [target], 4) == 4 * formula
