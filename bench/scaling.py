@@ -68,7 +68,7 @@ def run_point(model: str, ranks: int, args, work: Path, port: int) -> dict:
 
     tokens, samples = after_warmup("perf/tokens_per_s"), after_warmup("perf/samples_per_s")
     if not tokens:
-        raise SystemExit(f"scaling: no steps after the warm-up in {out} (raise --steps above --warmup)")
+        return {"model": model, "ranks": ranks, "error": "no logged steps after the warm-up", "command": cmd}
     return {
         "model": model, "ranks": ranks, "global_batch": args.batch_per_rank * ranks,
         "steps_timed": len(tokens), "tokens_per_s": statistics.median(tokens),
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    files = {ext: Path(f"{out}.{ext}") for ext in ("json", "md", "png")}  # --out may contain dots
     points = []
     with tempfile.TemporaryDirectory(prefix="bpt_ds-scaling-") as work:
         for i, model in enumerate(models):
@@ -203,12 +204,12 @@ def main(argv=None) -> int:
               "command": [sys.executable, *sys.argv], "batch_per_rank": args.batch_per_rank,
               "steps": args.steps, "warmup": args.warmup, "threads_per_rank": args.threads_per_rank,
               "points": points}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    files["json"].write_text(json.dumps(report, indent=1) + "\n")
     md = f"{title}\n\n{table(points)}"
-    out.with_suffix(".md").write_text(md)
-    plot(points, out.with_suffix(".png"), title)
+    files["md"].write_text(md)
+    plot(points, files["png"], title)
     print(md)
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    print(f"wrote {files['json']}, {files['md']}, {files['png']}")
     return 1 if any("error" in p for p in points) else 0
 
 
