@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         "device": device, "world_size": world, "date": time.strftime("%Y-%m-%d"),
         "command": [sys.executable, *sys.argv], "model": args.model, "stage": args.stage,
         "particles": args.particles, "prompt_length": args.prompt_length, "global_batch": args.batch,
-        "micro_batch": stage.micro, "dtype": eng.ds_dtype(stage_ds_config(stage)),
+        "micro_batch": stage.micro, "dtype": eng.ds_dtype(stage.ds_config),
         "ds_config": cfg.deepspeed.config,
         "input_tokens": {"median": statistics.median(in_lens), "p90": sorted(in_lens)[int(0.9 * len(in_lens))],
                          "max": max(in_lens)},
@@ -319,10 +319,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def stage_ds_config(stage) -> dict:
-    return json.loads((Path(stage.cfg.output_dir) / "ds_config.json").read_text())
-
-
 def pad_to(mb: dict, seq: int, target_len: int, pad_id: int) -> dict:
     """peft's batching: every input padded to the maximum source length, targets to the
     maximum target length (labels padded with -100)."""
@@ -347,7 +343,7 @@ def build_peft(stage, cfg, args):
     from bpt_ds import engine as eng
     from bpt_ds.backbone import load_backbone
 
-    ds_config = stage_ds_config(stage)
+    ds_config = stage.ds_config
     backbone = load_backbone(stage.backbone.path, ds_config, eng.ds_dtype(ds_config), progress=False,
                              attn_implementation=cfg.model.attn_implementation)
     d = backbone.model.config.d_model

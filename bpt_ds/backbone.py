@@ -52,17 +52,14 @@ def random_backbone_dir(spec: str, progress: bool = True) -> Path:
     weights are drawn at load time, partitioned as they are created. For timing and memory
     work at real sizes without a download; nothing it predicts means anything."""
     import hashlib
-    import os
     import shutil
-    import tempfile
     from dataclasses import asdict
 
-    from filelock import FileLock
     from transformers import T5Config
 
     from .config import ConfigError
     from .plan import PlanError, resolve_dims
-    from .tiny import build_tiny_backbone, default_cache_dir
+    from .tiny import build_once, build_tiny_backbone, default_cache_dir
 
     try:
         dims = resolve_dims(spec) if spec else None
@@ -78,29 +75,18 @@ def random_backbone_dir(spec: str, progress: bool = True) -> Path:
                           f"the tokenizer's {tiny_vocab} (random backbones use the tiny backbone's tokenizer)")
     key = hashlib.sha256(json.dumps([asdict(dims), tiny.name]).encode()).hexdigest()[:12]
     final = default_cache_dir() / f"random-t5-{key}"
-    if (final / RANDOM_MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / RANDOM_MARKER).is_file():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(tiny / name, staging / name)
-            T5Config(d_model=dims.d_model, d_ff=dims.d_ff, d_kv=dims.d_kv, num_heads=dims.num_heads,
-                     num_layers=dims.num_layers, num_decoder_layers=dims.num_decoder_layers,
-                     vocab_size=dims.vocab_size, relative_attention_num_buckets=dims.num_buckets,
-                     feed_forward_proj="gated-gelu" if dims.gated else "relu", tie_word_embeddings=dims.tied,
-                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).save_pretrained(staging)
-            (staging / RANDOM_MARKER).write_text(json.dumps({"spec": spec, **asdict(dims)}) + "\n")
-            staging.chmod(0o755)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+    def build(staging: Path) -> None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny / name, staging / name)
+        T5Config(d_model=dims.d_model, d_ff=dims.d_ff, d_kv=dims.d_kv, num_heads=dims.num_heads,
+                 num_layers=dims.num_layers, num_decoder_layers=dims.num_decoder_layers,
+                 vocab_size=dims.vocab_size, relative_attention_num_buckets=dims.num_buckets,
+                 feed_forward_proj="gated-gelu" if dims.gated else "relu", tie_word_embeddings=dims.tied,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).save_pretrained(staging)
+        (staging / RANDOM_MARKER).write_text(json.dumps({"spec": spec, **asdict(dims)}) + "\n")  # written last
+
+    build_once(final, lambda path: (path / RANDOM_MARKER).is_file(), build)
     return final
 
 

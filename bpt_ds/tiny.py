@@ -84,25 +84,34 @@ def build_tiny_backbone(
     recipe = _resolve_recipe(recipe)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"tiny-t5-{recipe_hash(recipe)}"
-    if _is_complete(final):
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if build_once(final, _is_complete, lambda staging: _build_into(staging, recipe, progress)):
+        print(f"bpt_ds: built tiny T5 backbone at {final} in {time.perf_counter() - started:.1f}s")
+    return final
+
+
+def build_once(final: Path, complete, build) -> bool:
+    """Makes the cache directory `final` with build(staging) unless complete(final) already:
+    under a file lock (concurrent processes build once, the others wait and reuse it), in a
+    staging directory renamed into place, so a crash never leaves a half-built `final`.
+    Returns whether this call built it."""
+    if complete(final):
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
-        if _is_complete(final):
-            return final
+        if complete(final):
+            return False
         if final.exists():  # not written by this builder, which only renames complete builds
             shutil.rmtree(final)
-        started = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            _build_into(staging, recipe, progress)
-            staging.chmod(0o755)  # mkdtemp makes it private; the cached model is not
+            build(staging)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is not
             os.replace(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    print(f"bpt_ds: built tiny T5 backbone at {final} in {time.perf_counter() - started:.1f}s")
-    return final
+    return True
 
 
 @torch.no_grad()

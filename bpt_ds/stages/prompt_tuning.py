@@ -128,7 +128,7 @@ class PromptTuning:
         self.rank, self.world = eng.rank(), eng.world_size()
         self.is_main = self.rank == 0
         torch.manual_seed(cfg.seed)
-        ds_config = eng.resolve_ds_config(cfg, self.world)
+        self.ds_config = ds_config = eng.resolve_ds_config(cfg, self.world)
         self.adjust_ds_config(ds_config)
         self.placement = self.placement_for(cfg, self.world)
         if self.is_main:
