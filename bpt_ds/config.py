@@ -143,6 +143,13 @@ class TrainConfig:
     eval_batch_size: int = 64
     save_every: int = 100
     keep_checkpoints: int = 2
+    # A step whose loss, gradient or SVGD direction is NaN or Inf is skipped (the prompts do not
+    # move) and counted; after this many in a row training stops, keeping the checkpoints.
+    max_bad_steps: int = 5
+    # When an output cannot be written (disk full, read-only), retry for this long with the data
+    # in memory, then write it under the system's temporary directory and stop. Must be shorter
+    # than deepspeed.timeout_minutes (the other ranks wait that long).
+    save_retry_minutes: float = 10.0
     # auto: continue from the newest checkpoint in output_dir if there is one.
     resume: Literal["auto", "never"] = "auto"
 
@@ -535,7 +542,7 @@ def validate(cfg: RunConfig) -> None:
         ("prompt.particles", p.particles), ("train.eval_batch_size", t.eval_batch_size),
         ("train.log_every", t.log_every), ("data.max_source_length", d.max_source_length),
         ("data.max_target_length", d.max_target_length), ("train.keep_checkpoints", t.keep_checkpoints),
-        ("data.max_new_tokens", d.max_new_tokens),
+        ("data.max_new_tokens", d.max_new_tokens), ("train.max_bad_steps", t.max_bad_steps),
     ]:
         _require(value >= 1, f"config key '{key}' must be >= 1; got {value}")
     for key, value in [
@@ -589,6 +596,9 @@ def validate(cfg: RunConfig) -> None:
              f"config key 'svgd.init_noise' must be a finite number >= 0; got {sv.init_noise}")
     _require(math.isfinite(ds.timeout_minutes) and ds.timeout_minutes > 0,
              f"config key 'deepspeed.timeout_minutes' must be a finite number > 0; got {ds.timeout_minutes}")
+    _require(math.isfinite(t.save_retry_minutes) and 0 <= t.save_retry_minutes < ds.timeout_minutes,
+             f"config key 'train.save_retry_minutes' must be >= 0 and less than deepspeed.timeout_minutes "
+             f"({ds.timeout_minutes}), which the other ranks wait; got {t.save_retry_minutes}")
     _require(math.isfinite(ds.memory_reserve_gb) and ds.memory_reserve_gb >= 0,
              f"config key 'deepspeed.memory_reserve_gb' must be a finite number >= 0; got {ds.memory_reserve_gb}")
     _require(math.isfinite(pr.min_var) and pr.min_var > 0,

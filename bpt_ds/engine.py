@@ -3,13 +3,19 @@ checkpoints and TensorBoard. Stages call this; nothing else imports DeepSpeed's 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import resource
 import shutil
+import signal
 import socket
+import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -111,6 +117,224 @@ def barrier() -> None:
 
 def on_gpu() -> bool:
     return get_accelerator().device_name() != "cpu"
+
+
+# ------------------------------------------------------------ faults and stops
+
+
+class Preempted(RuntimeError):
+    """A rank got SIGTERM: every rank saved a checkpoint at the next step boundary and stopped."""
+
+
+class TrainingHalted(RuntimeError):
+    """train.max_bad_steps steps in a row were non-finite: training stopped, checkpoints kept."""
+
+
+class SaveError(RuntimeError):
+    """An output could not be written in train.save_retry_minutes; the message says where it went."""
+
+
+class CheckpointError(ConfigError):
+    """No intact checkpoint to resume from, or a checkpoint file that is not plain tensors."""
+
+
+_STOP_SIGNAL: Optional[int] = None
+
+
+def install_stop_handler() -> None:
+    """SIGTERM (SLURM preemption or time limit, scancel, a launcher stopping its ranks) no longer
+    kills a rank mid-step: it is noted, and at the next step boundary the ranks agree (one
+    all-reduce, Engine.train_step) to save a checkpoint and stop (Preempted)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def note(signum, frame):
+        global _STOP_SIGNAL
+        if _STOP_SIGNAL is None:
+            # os.write: print() may be interrupted mid-line by this very handler.
+            os.write(2, f"[bpt_ds] rank {rank()}: {signal.Signals(signum).name} received; a checkpoint will be "
+                        "saved at the next step boundary, then the run stops\n".encode())
+        _STOP_SIGNAL = signum
+
+    signal.signal(signal.SIGTERM, note)
+
+
+def stop_signal() -> Optional[int]:
+    """The stop signal this rank received, if any."""
+    return _STOP_SIGNAL
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds path (or would hold it, once created)."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def check_writable(directory: Path, key: str = "output_dir") -> None:
+    """Creates directory and writes, syncs and deletes a probe file in it; a ConfigError naming
+    the key otherwise (before any data or weights load)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"bpt_ds")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write to '{directory}' ({e.strerror or e}); choose a directory this job "
+                          f"can write to on every node, e.g. {key}=$HOME/runs/<name>") from None
+
+
+def check_free_space(directory: Path, need: int, what: str, key: str = "output_dir") -> None:
+    free = free_bytes(directory)
+    if free < need:
+        raise ConfigError(f"{key}: the file system of '{directory}' has {mib(free)} free, and {what} need about "
+                          f"{mib(need)}; free some space or choose another {key}")
+
+
+def write_with_retry(path: Path, write: Callable[[Path], None], minutes: float, interval: float = 30.0) -> None:
+    """atomic_write that survives a full or read-only disk for a while: on OSError it says so and
+    retries every `interval` seconds for `minutes`, the data staying in memory; then it writes
+    the file into a rescue directory under the system's temporary directory and raises SaveError
+    naming it."""
+    deadline = time.monotonic() + minutes * 60
+    told = False
+    while True:
+        try:
+            atomic_write(path, write)
+            return
+        except OSError as e:
+            error = e
+            try:
+                path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)
+            except OSError:
+                pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if not told:
+            print(f"[bpt_ds] could not write {path}: {error}. Its data stays in memory: free space or fix the "
+                  f"permissions; retrying every {interval:.0f} s for {minutes:g} min (train.save_retry_minutes)",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(min(interval, left))
+    rescue = Path(tempfile.gettempdir()) / f"bpt_ds-rescue-{os.getpid()}" / path.name
+    try:
+        atomic_write(rescue, write)
+        where = f"it was written to {rescue} instead; copy it to {path.parent} once there is room"
+    except OSError as e:
+        where = f"writing it to {rescue} failed too ({e})"
+    raise SaveError(f"could not write {path}: {error}; {where}")
+
+
+# A DeepSpeed checkpoint file holds tensors, numbers, strings and these three DeepSpeed types; a
+# file that needs anything else to unpickle is refused rather than trusted.
+def _checkpoint_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_engine(config):
+    """DeepSpeed's TorchCheckpointEngine, loading with torch.load(weights_only=True): no code in a
+    checkpoint file runs, only the allow-listed types are rebuilt."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            torch.serialization.add_safe_globals(_checkpoint_globals())
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                import re
+
+                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+                first = f"it needs {found.group(1)}" if found else str(e).strip().splitlines()[-1]
+                raise CheckpointError(f"checkpoint file {path} holds more than tensors and plain values ({first}); "
+                                      "bpt_ds loads checkpoints with torch.load(weights_only=True) and runs no code "
+                                      "from them. Was it written by bpt_ds? Use train.resume=never to start over") from None
+
+    return WeightsOnlyCheckpointEngine(config)
+
+
+MANIFEST = "manifest.json"
+
+
+def file_digests(directory: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file under directory."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        out[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None when the checkpoint directory holds every file its manifest lists, with the listed size
+    and sha256; otherwise what is wrong."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"it has no {MANIFEST}"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({e})"
+    found = file_digests(path)
+    for name, want in files.items():
+        have = found.get(name)
+        if have is None:
+            return f"{name} is missing"
+        if have["bytes"] != want["bytes"]:
+            return f"{name} has {have['bytes']:,} bytes, the manifest says {want['bytes']:,} (truncated?)"
+        if have["sha256"] != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def choose_checkpoint(root: Path) -> tuple[Optional[str], list[str]]:
+    """The newest checkpoint under root that passes checkpoint_problem, and a warning for each newer
+    one that does not. Damaged ones are renamed damaged-<tag>-<time> (kept, never loaded) and
+    `latest` is pointed at the chosen one. Raises CheckpointError when checkpoints exist but none
+    is intact."""
+    import datetime
+
+    if not root.is_dir():
+        return None, []
+    tags = sorted((d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("step")), reverse=True)
+    warnings_, bad = [], []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for tag in tags:
+        problem = checkpoint_problem(root / tag)
+        if problem is None:
+            if bad:
+                atomic_write(root / "latest", lambda p: p.write_text(tag))
+            return tag, warnings_
+        aside = root / f"damaged-{tag}-{stamp}"
+        os.replace(root / tag, aside)
+        bad.append(f"{tag}: {problem}")
+        warnings_.append(f"checkpoint {root / tag} is damaged: {problem}. It was moved to {aside} and is not "
+                         "loaded; trying the one before it")
+    if bad:
+        raise CheckpointError(f"no intact checkpoint in {root} ({'; '.join(bad)}; each moved to damaged-*). "
+                              "Rerun to start from step 0, or restore a copy of the checkpoints")
+    return None, []
 
 
 # ------------------------------------------------------------- DeepSpeed config
@@ -359,6 +583,18 @@ class Placement:
         return self.world * accumulation / self.examples_per_particle()
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """torch's AdamW whose step becomes a no-op while `skip` is set: a step with a non-finite loss,
+    gradient or SVGD direction moves neither the prompts nor Adam's moments and step count."""
+
+    skip = False
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, model: PromptedT5, ds_config: dict):
         self.cfg = cfg
@@ -369,13 +605,22 @@ class Engine:
         if bank.rank > 0:
             groups.append({"params": [bank.factor_u, bank.factor_v],
                            "lr": t.factor_lr if t.factor_lr is not None else t.lr, "name": "factors"})
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        self.base_optimizer = optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        if type(self.ds.checkpoint_engine) is TorchCheckpointEngine:  # DeepSpeed's default engine
+            self.ds.checkpoint_engine = _weights_only_engine(self.ds._config)
         self.device = self.ds.device
         self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
+        # Of the latest step: why it was skipped ("loss", "gradient", "direction") or None, and
+        # whether a rank asked the run to stop (SIGTERM).
+        self.skipped: Optional[str] = None
+        self.stop_requested = False
+        self.last_checkpoint_bytes: Optional[int] = None
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -397,22 +642,64 @@ class Engine:
         self.ds.train()
         bank = self.model.bank
         stats = None
+        bad_loss = torch.zeros((), device=self.device)
         for mb in micro_batches:
             mb = self._to_device(mb)
             rows, particles, *extra = self.ds(**mb)
             extra = extra[0] if extra else {}
             if stats is None:
                 stats = StepStats.zeros(bank.num_particles, len(bank.tasks) or 1, self.device, tuple(extra))
+            bad_loss = torch.maximum(bad_loss, (~torch.isfinite(rows.detach())).any().float())
             self.ds.backward((rows * row_weight).sum())
-            if grad_hook is not None and self.ds.is_gradient_accumulation_boundary():
-                started = time.perf_counter()
-                self._apply_grad_hook(grad_hook)
-                self.hook_seconds += time.perf_counter() - started
-            self.ds.step()
+            if self.ds.is_gradient_accumulation_boundary():
+                self.skipped = self._check_step(bad_loss, grad_hook)
+                # A skipped step: DeepSpeed still clips and clears the gradients, the optimizer moves nothing.
+                self.base_optimizer.skip = self.skipped is not None
+            try:
+                self.ds.step()
+            finally:
+                self.base_optimizer.skip = False
             stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]), extra)
         return stats
 
-    def _apply_grad_hook(self, hook: "GradHook") -> None:
+    def _check_step(self, bad_loss: torch.Tensor, grad_hook: Optional["GradHook"]) -> Optional[str]:
+        """At the accumulation boundary, before the optimizer: one all-reduce tells every rank
+        whether any rank saw a non-finite loss or gradient, and whether any rank was asked to stop.
+        Then the gradient hook runs (SVGD, a prior), and its direction is checked too. Returns why
+        the step must be skipped, or None."""
+        flags = torch.stack([bad_loss.float(),
+                             torch.tensor(0.0 if self._local_grads_finite() else 1.0, device=self.device),
+                             torch.tensor(1.0 if _STOP_SIGNAL is not None else 0.0, device=self.device)])
+        if world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_loss_any, bad_grad_any, stop_any = flags.tolist()
+        self.stop_requested = self.stop_requested or stop_any > 0
+        if bad_loss_any > 0:
+            return "loss"
+        if bad_grad_any > 0:
+            return "gradient"
+        if grad_hook is not None:
+            started = time.perf_counter()
+            finite = self._apply_grad_hook(grad_hook)
+            self.hook_seconds += time.perf_counter() - started
+            if not finite:
+                return "direction"
+        return None
+
+    def _local_grads_finite(self) -> bool:
+        """Whether this rank's share of the trainable gradients is finite (ZeRO-3: its partition;
+        otherwise the full gradient, which every rank assembles alike)."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+        for param in self.model.bank.parameters():
+            if not param.requires_grad:
+                continue
+            grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                return False
+        return True
+
+    def _apply_grad_hook(self, hook: "GradHook") -> bool:
         # DeepSpeed documents these for "modifying partitioned states": after backward, before
         # step. Under ZeRO-3 the getters all-gather the fp32 partitions and the setter writes
         # back this rank's partition; every rank computes the same full tensor.
@@ -427,7 +714,14 @@ class Engine:
             raise RuntimeError("the particles have no gradient after backward; is the prompt bank frozen?")
         shape = self.model.bank.shape
         new = hook(theta.float().reshape(shape), grad.float().reshape(shape))
+        # Every rank computes the same direction; the all-reduce only makes the verdict certain.
+        bad = torch.tensor(0.0 if bool(torch.isfinite(new).all()) else 1.0, device=self.device)
+        if world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            return False
         safe_set_full_grad(param, new.to(grad.dtype).view(grad.shape))
+        return True
 
     def grad_norm(self) -> Optional[float]:
         norm = self.ds.get_global_grad_norm()
@@ -491,14 +785,39 @@ class Engine:
     def checkpoint_dir(self) -> Path:
         return Path(self.cfg.output_dir) / "checkpoints"
 
-    def save_checkpoint(self, step: int, client_state: dict) -> Path:
+    def checkpoint_bytes_estimate(self) -> int:
+        """Bytes the next checkpoint needs: the last one's size (plus a margin), or before the first,
+        16 bytes per trainable value (weights, Adam's two moments, master copy) and per-file overhead."""
+        if self.last_checkpoint_bytes is not None:
+            return int(self.last_checkpoint_bytes * 1.1) + 2**20
+        values = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.bank.parameters())
+        return 16 * values + (world_size() + 1) * 2**16 + 2**20
+
+    def save_checkpoint(self, step: int, client_state: dict) -> Optional[Path]:
         """Trainable tensors and optimizer state only; the frozen backbone is not copied.
 
-        DeepSpeed writes into a temporary tag; rank 0 renames it into place and then
-        updates `latest` atomically, so a crash at any point leaves the previous
-        checkpoint intact and `latest` pointing at a complete one.
+        Every rank first checks the free space where it writes (one all-reduce): when any rank
+        lacks room for a checkpoint, none is written (None is returned), the previous checkpoints
+        stay, and training goes on with its state in memory; the next save tries again.
+
+        DeepSpeed writes into a temporary tag; rank 0 adds a manifest (size and sha256 of every
+        file), renames the directory into place and then updates `latest` atomically, so a crash
+        at any point leaves the previous checkpoint intact, and a damaged file is detected on
+        resume (choose_checkpoint).
         """
         root = self.checkpoint_dir()
+        need = self.checkpoint_bytes_estimate()
+        free = torch.tensor(float(free_bytes(root)), dtype=torch.float64)
+        if world_size() > 1:
+            free = free.to(self.device)
+            dist.all_reduce(free, op=dist.ReduceOp.MIN)
+        if free.item() < need:
+            if rank() == 0:
+                print(f"[bpt_ds] warning: checkpoint of step {step} not written: {mib(free.item())} free on the file "
+                      f"system of {root} (the fullest a rank writes to), it needs about {mib(need)}. The previous "
+                      "checkpoint is kept and training goes on with its state in memory; the next save tries "
+                      "again. Free some space.", file=sys.stderr, flush=True)
+            return None
         tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
         if rank() == 0 and root.is_dir():
             for leftover in root.glob(".tmp-step*"):  # from a save that a crash interrupted
@@ -508,6 +827,9 @@ class Engine:
                                 save_latest=False, exclude_frozen_parameters=True)
         barrier()
         if rank() == 0:
+            files = file_digests(root / tmp)
+            manifest = {"format": 1, "step": step, "world_size": world_size(), "files": files}
+            atomic_write(root / tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
             if (root / tag).exists():
                 shutil.rmtree(root / tag)
             os.replace(root / tmp, root / tag)
@@ -515,27 +837,52 @@ class Engine:
             done = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step"))
             for old in done[: -self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(old)
-        barrier()
+            self.last_checkpoint_bytes = sum(f["bytes"] for f in files.values())
+        size = [self.last_checkpoint_bytes]
+        if world_size() > 1:
+            dist.broadcast_object_list(size, src=0)
+        self.last_checkpoint_bytes = size[0]
         return root / tag
 
     def load_latest_checkpoint(self) -> Optional[dict]:
-        """Restores the newest complete checkpoint; returns its client state, or None if none."""
+        """Restores the newest intact checkpoint (choose_checkpoint: rank 0 checks the manifests and
+        every rank loads its choice); returns its client state, or None if there is none."""
         root = self.checkpoint_dir()
-        latest = root / "latest"
-        if not latest.is_file():
+        choice: list = [None]
+        if rank() == 0:
+            try:
+                tag, notes = choose_checkpoint(root)
+                choice = [("ok", tag, notes)]
+            except (CheckpointError, OSError) as e:
+                choice = [("error", str(e), [])]
+        if world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        kind, tag, notes = choice[0]
+        for note in notes:
+            if rank() == 0:
+                print(f"[bpt_ds] warning: {note}", file=sys.stderr, flush=True)
+        if kind == "error":
+            raise CheckpointError(tag)
+        if tag is None:
             return None
-        tag = latest.read_text().strip()
-        if not (root / tag).is_dir():
-            raise FileNotFoundError(f"{latest} names checkpoint '{tag}', which is missing; "
-                                    f"delete {latest} to start over or restore the directory")
+        written_by = json.loads((root / tag / MANIFEST).read_text()).get("world_size", world_size())
+        if written_by != world_size():
+            raise CheckpointError(f"checkpoint {root / tag} was written by {written_by} rank(s) and this run has "
+                                  f"{world_size()}: ZeRO keeps optimizer state per rank. Launch {written_by} rank(s) "
+                                  "to resume, or start over with train.resume=never")
         try:
             _, client_state = self.ds.load_checkpoint(str(root), tag=tag, load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-        except (RuntimeError, ValueError, KeyError) as e:
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, AssertionError) as e:
             raise ConfigError(f"checkpoint {root / tag} does not fit this run (was the prompt, particle or "
-                              f"factor setup changed?): {e}. Use a new output_dir, or train.resume=never") from None
+                              f"factor setup, or the number of ranks, changed?): {e}. Use a new output_dir, or "
+                              "train.resume=never") from None
         if client_state is None:
             raise ConfigError(f"could not load checkpoint {root / tag}; use a new output_dir, or train.resume=never")
+        self.last_checkpoint_bytes = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file())
+        client_state["checkpoint"] = tag
         return client_state
 
     def set_aside_checkpoints(self) -> Optional[Path]:

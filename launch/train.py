@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from bpt_ds import engine
     from bpt_ds.config import ConfigError, load_runs
     from bpt_ds.data.tasks import DataError
+
+    # SIGTERM (preemption, scancel) saves a checkpoint at the next step boundary instead of killing.
+    engine.install_stop_handler()
 
     rank0 = os.environ.get("RANK", "0") == "0"
 
@@ -45,15 +49,29 @@ def main(argv: list[str] | None = None) -> int:
             write_seed_table([cfg.output_dir for runs in batches for _, cfg in runs], say)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
+    except engine.Preempted as e:
+        say(f"[bpt_ds] {e}")
+        return EXIT_PREEMPTED
+    except engine.TrainingHalted as e:
+        print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_HALTED
+    except engine.SaveError as e:
+        print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_SAVE_FAILED
     except Exception as e:
-        from bpt_ds import engine
-
         if not engine.is_comm_failure(e):
             raise
         report_lost_ranks(e)
-        return 3
+        return EXIT_LOST_RANK
     return 0
+
+
+# Exit codes (README, "Reliability"): 0 finished; 2 bad input (config, data, files, checkpoints),
+# nothing trained; 3 a rank was lost or hung; 4 too many non-finite steps in a row; 5 an output
+# could not be written (and where it went instead); 143 stopped by SIGTERM after saving a
+# checkpoint (128 + SIGTERM, as schedulers expect of a terminated job). Rerun to resume after 3, 4, 143.
+EXIT_BAD_INPUT, EXIT_LOST_RANK, EXIT_HALTED, EXIT_SAVE_FAILED, EXIT_PREEMPTED = 2, 3, 4, 5, 143
 
 
 def report_lost_ranks(e: Exception) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,7 +50,7 @@ RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "
                "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method",
                # How the job is guarded, not what it computes.
                "deepspeed.memory_check", "deepspeed.device_memory_gb", "deepspeed.memory_reserve_gb",
-               "deepspeed.timeout_minutes"}
+               "deepspeed.timeout_minutes", "train.max_bad_steps", "train.save_retry_minutes"}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -116,6 +117,10 @@ class PromptTuning:
         self.best = float("-inf")
         self.evals_without_gain = 0
         self.stopped = False
+        # Steps skipped for a non-finite loss, gradient or direction: in a row, and in all.
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.checkpoint: Optional[str] = None  # the newest checkpoint written or resumed from
         self.last_metrics: dict = {}
         self.last_eval_step = -1
         # The evaluation with the best mean dev score: its step, dev and test metrics.
@@ -131,6 +136,8 @@ class PromptTuning:
         self.ds_config = ds_config = eng.resolve_ds_config(cfg, self.world)
         self.adjust_ds_config(ds_config)
         self.placement = self.placement_for(cfg, self.world)
+        # Every rank writes checkpoint shards: an output_dir it cannot write fails now, not at step save_every.
+        eng.check_writable(self.out)
         if self.is_main:
             # Outputs of an earlier, finished run are no longer this directory's final word.
             (self.out / DONE_FILE).unlink(missing_ok=True)
@@ -194,6 +201,10 @@ class PromptTuning:
                 raise ConfigError(f"prompt.init_file: {e}") from None
 
         self.check_inputs(bank)
+        values = bank.size()
+        eng.check_free_space(self.out, (cfg.train.keep_checkpoints + 1) * (16 * values + 2**20) + 3 * 4 * values,
+                             f"{cfg.train.keep_checkpoints} checkpoint(s) (train.keep_checkpoints), one being written, "
+                             "and the prompt files")
 
         # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
         self.backbone = backbone = load_backbone(model_path, ds_config, eng.ds_dtype(ds_config),
@@ -227,7 +238,10 @@ class PromptTuning:
                 self.selected = state.get("selected") or {}
                 self.evals_without_gain = int(state["evals_without_gain"])
                 self.stopped = bool(state["stopped"])
-                self._info(f"resumed from step {self.step} ({self.engine.checkpoint_dir()})")
+                self.bad_in_row = int(state.get("bad_in_row", 0))
+                self.bad_total = int(state.get("bad_total", 0))
+                self.checkpoint = str(self.engine.checkpoint_dir() / state["checkpoint"])
+                self._info(f"resumed from step {self.step} ({self.checkpoint})")
         elif (moved := self.engine.set_aside_checkpoints()) is not None:
             self._info(f"train.resume=never: earlier checkpoints moved to {moved}")
         if self.is_main:
@@ -364,39 +378,102 @@ class PromptTuning:
             torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
             stats = self.engine.train_step(micro, self.row_weight, hook)
             self.step += 1
-            if window is None:
-                window = stats
+            if self.engine.skipped is not None:
+                self._skip_step(self.engine.skipped)
             else:
-                window.merge(stats)
+                self.bad_in_row = 0
+                if window is None:
+                    window = stats
+                else:
+                    window.merge(stats)
             window_samples += len(picks)
             window_tokens += sum(len(self.train_tasks[k].inputs[i]) + len(self.train_tasks[k].targets[i])
                                  for k, i in picks)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                particle_loss, task_loss, terms = window.reduced()
+                # (Every rank agrees on skipped steps, so `window` is None on all ranks or on none.)
+                reduced = window.reduced() if window is not None else None
                 elapsed = time.perf_counter() - window_start
-                self._log_train(particle_loss, task_loss, window_samples / elapsed, window_tokens / elapsed,
-                                self.engine.hook_seconds / elapsed, terms)
+                self._log_train(reduced, window_samples / elapsed, window_tokens / elapsed,
+                                self.engine.hook_seconds / elapsed)
                 self.engine.hook_seconds = 0.0
-                bar.set_postfix(loss=f"{particle_loss.mean().item():.4f}")
+                if reduced is not None:
+                    bar.set_postfix(loss=f"{reduced[0].mean().item():.4f}")
                 window, window_samples, window_tokens = None, 0, 0
                 window_start = time.perf_counter()
             bar.update(1)
             if t.eval_every and self.step % t.eval_every == 0 and self.eval_tasks:
                 self.stopped = self._evaluate()
+            saved = False
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps or self.stopped:
                 # `stopped` is saved too: running the command again does not train past an early stop.
-                self.engine.save_checkpoint(self.step, {"step": self.step, "best": self.best, "stopped": self.stopped,
-                                                        "selected": self.selected,
-                                                        "evals_without_gain": self.evals_without_gain,
-                                                        "config": config_fingerprint(cfg)})
+                saved = self._save_checkpoint()
             if self.stopped:
                 self._info(f"early stop at step {self.step}: no gain in {t.patience} evaluations")
+            if self.engine.stop_requested:
+                # A rank got SIGTERM; all ranks learned it in the same step's all-reduce.
+                if not saved and not self._save_checkpoint():
+                    raise eng.Preempted(f"asked to stop (SIGTERM) at step {self.step}, but there was no room for a "
+                                        f"checkpoint (see the warning above); the newest checkpoint is "
+                                        f"{self.checkpoint or 'none: a rerun starts over'}")
+                bar.close()
+                raise eng.Preempted(f"stopped at step {self.step} on SIGTERM after saving checkpoint {self.checkpoint}; "
+                                    "run the same command again to resume from it (train.resume=auto)")
         bar.close()
 
-    def _log_train(self, loss: torch.Tensor, task_loss: torch.Tensor, samples_per_s: float,
-                   tokens_per_s: float, hook_share: float, terms: Optional[dict] = None) -> None:
+    def _save_checkpoint(self) -> bool:
+        """Saves the trainable state and the loop's counters (collective); False when there was no
+        room (Engine.save_checkpoint), the previous checkpoint then staying the newest."""
+        path = self.engine.save_checkpoint(self.step, {
+            "step": self.step, "best": self.best, "stopped": self.stopped, "selected": self.selected,
+            "evals_without_gain": self.evals_without_gain, "bad_in_row": self.bad_in_row,
+            "bad_total": self.bad_total, "config": config_fingerprint(self.cfg)})
+        if path is not None:
+            self.checkpoint = str(path)
+        return path is not None
+
+    def _skip_step(self, why: str) -> None:
+        """A step with a non-finite loss, gradient or SVGD direction (on any rank) was skipped: count it,
+        say so, and stop after train.max_bad_steps in a row."""
+        self.bad_in_row += 1
+        self.bad_total += 1
+        limit = self.cfg.train.max_bad_steps
+        what = {"loss": "loss", "gradient": "gradient of the prompts", "direction": "SVGD direction"}[why]
+        if self.is_main:
+            tqdm.write(f"[bpt_ds] warning: step {self.step} skipped: non-finite {what} on some rank "
+                       f"({self.bad_in_row} in a row, {self.bad_total} in all; the run stops at "
+                       f"train.max_bad_steps={limit} in a row)", file=sys.stderr)
+            self.writer.add_scalar("train/skipped_steps", self.bad_total, self.step)
+        if self.bad_in_row >= limit:
+            raise eng.TrainingHalted(
+                f"training stopped at step {self.step}: {self.bad_in_row} steps in a row had a non-finite {what} "
+                f"(train.max_bad_steps={limit}; {self.bad_total} skipped in all). Skipped steps do not move the "
+                f"prompts. The newest checkpoint is kept: {self.checkpoint or 'none was written yet'}. Lower train.lr "
+                "or train.max_grad_norm, check the data and the prompt init file; a rerun resumes from that "
+                "checkpoint")
+
+    def _log_train(self, reduced: Optional[tuple], samples_per_s: float, tokens_per_s: float,
+                   hook_share: float) -> None:
+        """reduced: the window's StepStats.reduced(), or None when every step of it was skipped."""
         if not self.is_main:
             return
+        w, s = self.writer, self.step
+        w.add_scalar("train/skipped_steps", self.bad_total, s)
+        if reduced is not None:
+            self._log_losses(*reduced)
+        for key, value in self.extra_scalars().items():
+            w.add_scalar(key, value, s)
+        w.add_scalar("train/lr", self.engine.lr(), s)
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            w.add_scalar("train/grad_norm", norm, s)
+        w.add_scalar("perf/samples_per_s", samples_per_s, s)
+        w.add_scalar("perf/tokens_per_s", tokens_per_s, s)
+        w.add_scalar("perf/peak_memory_mb", eng.peak_memory_mb(), s)
+        if self.hook is not None:
+            # Share of wall time in the gradient hook: all-gathers of θ and G, SVGD or the prior.
+            w.add_scalar("perf/grad_hook_share", hook_share, s)
+
+    def _log_losses(self, loss: torch.Tensor, task_loss: torch.Tensor, terms: Optional[dict] = None) -> None:
         w, s = self.writer, self.step
         w.add_scalar("train/loss", loss.mean().item(), s)
         for name, (mean, per_task) in (terms or {}).items():
@@ -411,18 +488,6 @@ class PromptTuning:
             for task in self.train_tasks:
                 if not torch.isnan(task_loss[task.task_id]):  # mpt-distill: a task may sit out a window
                     w.add_scalar(f"train/loss_task/{task.name}", task_loss[task.task_id].item(), s)
-        for key, value in self.extra_scalars().items():
-            w.add_scalar(key, value, s)
-        w.add_scalar("train/lr", self.engine.lr(), s)
-        norm = self.engine.grad_norm()
-        if norm is not None:
-            w.add_scalar("train/grad_norm", norm, s)
-        w.add_scalar("perf/samples_per_s", samples_per_s, s)
-        w.add_scalar("perf/tokens_per_s", tokens_per_s, s)
-        w.add_scalar("perf/peak_memory_mb", eng.peak_memory_mb(), s)
-        if self.hook is not None:
-            # Share of wall time in the gradient hook: all-gathers of θ and G, SVGD or the prior.
-            w.add_scalar("perf/grad_hook_share", hook_share, s)
 
     @property
     def _ensemble(self) -> bool:
@@ -487,8 +552,13 @@ class PromptTuning:
         if self.is_main:
             from safetensors.torch import save_file
 
-            eng.atomic_write(self.out / name, lambda f: save_file(tensors, str(f)))
+            self._write(self.out / name, lambda f: save_file(tensors, str(f)))
         return tensors
+
+    def _write(self, path: Path, write) -> None:
+        """An output file, written atomically; on a full or read-only disk retried with the data in memory
+        (eng.write_with_retry)."""
+        eng.write_with_retry(path, write, self.cfg.train.save_retry_minutes)
 
     def results(self) -> dict:
         """metrics.json: the run's identity, the selected (best dev) step's dev and test metrics,
@@ -506,14 +576,13 @@ class PromptTuning:
         if self.is_main:
             self.export_extras(tensors)
             results = self.results()
-            eng.atomic_write(self.out / "metrics.json",
-                             lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
+            self._write(self.out / "metrics.json", lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
             self.writer.flush()
             # Last: a pipeline skips this stage on a rerun only when this marker matches its config
             # and its input files.
             done = {"step": self.step, "stopped": self.stopped, "fingerprint": config_fingerprint(self.cfg),
                     "inputs": input_digests(self.cfg), "config": to_dict(self.cfg)}
-            eng.atomic_write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))
+            self._write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))
             self._info(f"done at step {self.step}. Outputs in {self.out.resolve()}:")
             self._info(f"  prompts      {self.out / 'prompts.safetensors'}")
             if self.selected:
