@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"[bpt_ds] {e}")
         return EXIT_PREEMPTED
     except engine.TrainingHalted as e:
-        print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
+        if rank0:  # every rank stops at the same step, for the same reason
+            print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return EXIT_HALTED
     except engine.SaveError as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,82 @@
+"""launch/train.py with faults injected, for tests/test_reliability.py. The faults come from the
+environment variable BPT_DS_FAULTS, a JSON object whose keys are all optional:
+
+  {"nan_loss":      {"<rank>": [steps]},  # the step's per-row losses become NaN on that rank
+   "nan_grad":      {"<rank>": [steps]},  # the losses stay finite, their gradient becomes NaN
+   "nan_direction": [steps],              # the SVGD direction (stage bmtpt-source) becomes NaN
+   "no_space":      {"<rank>": [saves]}}  # the n-th checkpoint save (1-based) finds the disk full
+
+Steps are 1-based optimizer steps of this process (one forward per step: no accumulation).
+
+usage: deepspeed --num_gpus N tests/dist/faults.py key=value ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+
+from _common import script_args  # noqa: E402
+
+import train  # noqa: E402  launch/train.py
+from bpt_ds import engine, model, svgd  # noqa: E402
+
+FAULTS = json.loads(os.environ.get("BPT_DS_FAULTS", "{}"))
+RANK = os.environ.get("RANK", "0")
+steps_seen = {"forward": 0, "svgd": 0, "save": 0}
+
+forward = model.PromptedT5.forward
+
+
+def faulty_forward(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    if not self.training:
+        return out
+    steps_seen["forward"] += 1
+    step = steps_seen["forward"]
+    rows, *rest = out
+    if step in FAULTS.get("nan_loss", {}).get(RANK, []):
+        rows = rows * float("nan")
+    if step in FAULTS.get("nan_grad", {}).get(RANK, []):
+        rows = rows.clone()
+        rows.register_hook(lambda g: torch.full_like(g, float("nan")))
+    return (rows, *rest)
+
+
+terms = svgd.svgd_terms
+
+
+def faulty_terms(*args, **kwargs):
+    out = terms(*args, **kwargs)
+    steps_seen["svgd"] += 1
+    if steps_seen["svgd"] in FAULTS.get("nan_direction", []):
+        out = dataclasses.replace(out, phi=torch.full_like(out.phi, float("nan")))
+    return out
+
+
+save = engine.Engine.save_checkpoint
+free_bytes = engine.free_bytes
+
+
+def faulty_save(self, *args, **kwargs):
+    steps_seen["save"] += 1
+    full = steps_seen["save"] in FAULTS.get("no_space", {}).get(RANK, [])
+    engine.free_bytes = (lambda path: 0) if full else free_bytes
+    try:
+        return save(self, *args, **kwargs)
+    finally:
+        engine.free_bytes = free_bytes
+
+
+model.PromptedT5.forward = faulty_forward
+svgd.svgd_terms = faulty_terms
+engine.Engine.save_checkpoint = faulty_save
+
+if __name__ == "__main__":
+    sys.exit(train.main(script_args()))
