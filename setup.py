@@ -32,6 +32,7 @@ setup(
         "peft": ["peft>=0.13"],
         # bench/scaling.py's plot.
         "bench": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7"],
+        # hypothesis: property-based tests of bad input (tests/test_properties.py).
+        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7", "hypothesis>=6.100"],
     },
 )

@@ -159,11 +159,6 @@ def install_stop_handler() -> None:
     signal.signal(signal.SIGTERM, note)
 
 
-def stop_signal() -> Optional[int]:
-    """The stop signal this rank received, if any."""
-    return _STOP_SIGNAL
-
-
 def _existing(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
@@ -262,7 +257,7 @@ def _weights_only_engine(config):
             except pickle.UnpicklingError as e:
                 import re
 
-                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+                found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
                 first = f"it needs {found.group(1)}" if found else str(e).strip().splitlines()[-1]
                 raise CheckpointError(f"checkpoint file {path} holds more than tensors and plain values ({first}); "
                                       "bpt_ds loads checkpoints with torch.load(weights_only=True) and runs no code "
@@ -335,6 +330,33 @@ def choose_checkpoint(root: Path) -> tuple[Optional[str], list[str]]:
         raise CheckpointError(f"no intact checkpoint in {root} ({'; '.join(bad)}; each moved to damaged-*). "
                               "Rerun to start from step 0, or restore a copy of the checkpoints")
     return None, []
+
+
+def pick_checkpoint(root: Path) -> Optional[str]:
+    """The checkpoint a resumed run loads (collective): rank 0 runs choose_checkpoint and prints its
+    warnings, every rank gets its answer. Raises CheckpointError on every rank when no checkpoint is
+    intact or the newest was written by another number of ranks. Cheap: runs before the backbone loads."""
+    choice: list = [None]
+    if rank() == 0:
+        try:
+            tag, notes = choose_checkpoint(root)
+            for note in notes:
+                print(f"[bpt_ds] warning: {note}", file=sys.stderr, flush=True)
+            choice = [("ok", tag)]
+            if tag is not None:
+                written_by = json.loads((root / tag / MANIFEST).read_text()).get("world_size", world_size())
+                if written_by != world_size():
+                    choice = [("error", f"checkpoint {root / tag} was written by {written_by} rank(s) and this run "
+                                        f"has {world_size()}: ZeRO keeps optimizer state per rank. Launch "
+                                        f"{written_by} rank(s) to resume, or start over with train.resume=never")]
+        except (CheckpointError, OSError, ValueError) as e:
+            choice = [("error", str(e))]
+    if world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    kind, value = choice[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 # ------------------------------------------------------------- DeepSpeed config
@@ -844,32 +866,9 @@ class Engine:
         self.last_checkpoint_bytes = size[0]
         return root / tag
 
-    def load_latest_checkpoint(self) -> Optional[dict]:
-        """Restores the newest intact checkpoint (choose_checkpoint: rank 0 checks the manifests and
-        every rank loads its choice); returns its client state, or None if there is none."""
+    def load_checkpoint(self, tag: str) -> dict:
+        """Restores checkpoint `tag` (from pick_checkpoint); returns its client state."""
         root = self.checkpoint_dir()
-        choice: list = [None]
-        if rank() == 0:
-            try:
-                tag, notes = choose_checkpoint(root)
-                choice = [("ok", tag, notes)]
-            except (CheckpointError, OSError) as e:
-                choice = [("error", str(e), [])]
-        if world_size() > 1:
-            dist.broadcast_object_list(choice, src=0)
-        kind, tag, notes = choice[0]
-        for note in notes:
-            if rank() == 0:
-                print(f"[bpt_ds] warning: {note}", file=sys.stderr, flush=True)
-        if kind == "error":
-            raise CheckpointError(tag)
-        if tag is None:
-            return None
-        written_by = json.loads((root / tag / MANIFEST).read_text()).get("world_size", world_size())
-        if written_by != world_size():
-            raise CheckpointError(f"checkpoint {root / tag} was written by {written_by} rank(s) and this run has "
-                                  f"{world_size()}: ZeRO keeps optimizer state per rank. Launch {written_by} rank(s) "
-                                  "to resume, or start over with train.resume=never")
         try:
             _, client_state = self.ds.load_checkpoint(str(root), tag=tag, load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 
 class PromptBank(nn.Module):
     def __init__(self, num_particles: int, length: int, dim: int,
@@ -79,10 +81,14 @@ class PromptBank(nn.Module):
             raise ValueError(f"{source} has no 'particles' tensor (keys: {sorted(tensors)})")
         src = tensors["particles"]
         m, l, d = self.shape
+        if not src.is_floating_point() or not bool(torch.isfinite(src).all()):
+            raise ValueError(f"{source}: particles hold {'NaN or Inf values' if src.is_floating_point() else src.dtype}; "
+                             "a prompt file must hold finite floating-point values")
         if src.dim() != 3 or src.shape[1:] != (l, d):
             raise ValueError(
                 f"{source}: particles have shape {tuple(src.shape)}, this run needs [F, {l}, {d}]; "
-                f"set prompt.length to match the file (and use a backbone with d_model={src.shape[-1]})")
+                + (f"set prompt.length to match the file (and use a backbone with d_model={src.shape[-1]})"
+                   if src.dim() == 3 else "a prompts file holds particles [F, length, d_model]"))
         f = src.shape[0]
         if pick is not None:
             if not 0 <= pick < f:
@@ -198,4 +204,8 @@ def load_prompts_file(path: str | Path, key: str = "prompt.init_file") -> dict[s
     if not p.is_file():
         raise FileNotFoundError(f"{key}: prompt file '{path}' does not exist; point it at the prompts.safetensors "
                                 "of an earlier run (or at that run's output directory)")
-    return load_file(str(p))
+    try:
+        return load_file(str(p))
+    except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
+        raise ConfigError(f"{key}: '{p}' is not a safetensors file bpt_ds can read ({e}); point it at the "
+                         "prompts.safetensors of an earlier run") from None

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bpt_ds import engine
 from jobs import ROOT, TRAIN, ds_command, ds_env, run_ds
 
 pytestmark = pytest.mark.distributed
@@ -120,29 +123,85 @@ def test_one_and_two_ranks_and_nodes_agree_and_resume_after_kill_matches(cache, 
     # (Recomputation reorders float sums; Adam magnifies that on near-zero gradients.)
     torch.testing.assert_close(prompts(checkpointed), p2, rtol=0, atol=1e-3)
 
-    # Kill a 2-rank run with SIGKILL once it has written a checkpoint, then run it again.
-    # (The default linear schedule: its state must come back with the optimizer's.)
+    # The uninterrupted reference of the runs below. (The default linear schedule: its state
+    # must come back with the optimizer's.)
+    ref = tmp_path / "ref"
+    assert run_ds(2, TRAIN, f"output_dir={ref}", *SHORT_RUN, "train.steps=48", cache=cache).returncode == 0
+
+    # kill -9 one rank once the run has written a checkpoint: the job ends on its own, naming the
+    # lost rank; the newest checkpoint is intact; running the command again resumes from it.
     cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=48")
-    ref_cmd = ds_command(2, TRAIN, f"output_dir={tmp_path / 'ref'}", *SHORT_RUN, "train.steps=48")
-    job = subprocess.Popen(cmd, env=ds_env(cache, 2), cwd=ROOT, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.is_file() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.1)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert latest.is_file() and not (killed / "prompts.safetensors").exists(), "the run was not killed mid-way"
-    killed_at = latest.read_text()
+    rc, log = interrupt(cmd + ["deepspeed.timeout_minutes=0.2"], killed, signal.SIGKILL, cache, tmp_path / "killed.log")
+    assert rc != 0
+    assert "bpt_ds: error: rank 0: lost contact with the job: rank(s) 1 did not answer." in log
+    newest = max((killed / "checkpoints").glob("step*"))
+    assert engine.checkpoint_problem(newest) is None
+    assert (killed / "checkpoints" / "latest").read_text() == newest.name
+    assert not (killed / "prompts.safetensors").exists(), "the run was not killed mid-way"
     resumed = subprocess.run(cmd, env=ds_env(cache, 2), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed from step {int(killed_at[4:])}" in resumed.stdout
-    ref = subprocess.run(ref_cmd, env=ds_env(cache, 2), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0
-    torch.testing.assert_close(prompts(killed), prompts(tmp_path / "ref"), rtol=0, atol=1e-6)
+    assert f"resumed from step {int(newest.name[4:])} ({newest})" in resumed.stdout
+    # Same seed, config and world size, on CPU: bit-identical prompts, interrupted or not.
+    assert torch.equal(prompts(killed), prompts(ref))
     # Only complete checkpoints remain, no more than train.keep_checkpoints of them.
     names = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step00000042", "step00000048"]
+
+    # SIGTERM to one rank (as a scheduler preempting the job): at the next step boundary every
+    # rank saves, then the job exits with 143; running the command again resumes from that step.
+    preempted = tmp_path / "preempted"
+    cmd = ds_command(2, TRAIN, f"output_dir={preempted}", *SHORT_RUN, "train.steps=48")
+    rc, log = interrupt(cmd, preempted, signal.SIGTERM, cache, tmp_path / "preempted.log")
+    assert rc == 143, log[-3000:]
+    assert ("[bpt_ds] rank 1: SIGTERM received; a checkpoint will be saved at the next step boundary, then the run "
+            "stops") in log
+    stop = re.search(r"\[bpt_ds\] stopped at step (\d+) on SIGTERM after saving checkpoint (\S+); run the same "
+                     r"command again to resume from it \(train.resume=auto\)", log)
+    assert stop, log[-3000:]
+    saved = preempted / "checkpoints" / f"step{int(stop.group(1)):08d}"
+    assert stop.group(2) == str(saved) and engine.checkpoint_problem(saved) is None
+    resumed = subprocess.run(cmd, env=ds_env(cache, 2), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from step {stop.group(1)} ({saved})" in resumed.stdout
+    assert torch.equal(prompts(preempted), prompts(ref))
+
+    # A truncated file in the newest checkpoint: a warning, and the run resumes from the one before.
+    optim = killed / "checkpoints" / "step00000048" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:1000])
+    more = subprocess.run(ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=50"),
+                          env=ds_env(cache, 2), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert (f"[bpt_ds] warning: checkpoint {killed}/checkpoints/step00000048 is damaged: zero_pp_rank_1_mp_rank_00_"
+            "optim_states.pt has 1,000 bytes, the manifest says ") in more.stderr
+    assert f"resumed from step 42 ({killed}/checkpoints/step00000042)" in more.stdout
+    # Resuming on another number of ranks is refused before the backbone loads.
+    other = run_ds(1, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=52", cache=cache)
+    assert other.returncode == 2
+    assert (f"bpt_ds: error: checkpoint {killed}/checkpoints/step00000050 was written by 2 rank(s) and this run has 1: "
+            "ZeRO keeps optimizer state per rank. Launch 2 rank(s) to resume, or start over with "
+            "train.resume=never") in other.stderr
+    assert "loading backbone" not in other.stdout
+
+
+def interrupt(cmd: list[str], out: Path, sig: int, cache: Path, log: Path) -> tuple[int, str]:
+    """Starts a 2-rank job, sends sig to its rank 1 once a checkpoint exists, and waits for the job
+    to end on its own (within 2 minutes). Returns its exit code and output."""
+    with open(log, "w") as sink:
+        job = subprocess.Popen(cmd, env=ds_env(cache, 2), cwd=ROOT, start_new_session=True, stdout=sink,
+                               stderr=subprocess.STDOUT)
+        try:
+            latest = out / "checkpoints" / "latest"
+            deadline = time.time() + 300
+            while not latest.is_file() and time.time() < deadline and job.poll() is None:
+                time.sleep(0.1)
+            rank1 = [p for p in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+            assert len(rank1) == 1, "rank 1 is not running"
+            rank1[0].send_signal(sig)
+            rc = job.wait(timeout=120)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    return rc, log.read_text()
 
 
 def test_spot_starts_from_an_earlier_prompt(cache, tmp_path):

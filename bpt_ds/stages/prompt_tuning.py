@@ -170,6 +170,9 @@ class PromptTuning:
         self.init_tensors = init_tensors = (load_prompts_file(cfg.prompt.init_file)
                                             if cfg.prompt.init == "file" else None)
 
+        # The checkpoint to resume from, checked (manifest, number of ranks) before the backbone loads.
+        self.resume_tag = eng.pick_checkpoint(self.out / "checkpoints") if cfg.train.resume == "auto" else None
+
         model_path = resolve_model_path(cfg.model.name_or_path, progress=self.is_main)
         # A run that cannot fit in device memory is refused before the weights load.
         fit = eng.check_memory(cfg, ds_config, model_path, self.placement.mode)
@@ -230,8 +233,8 @@ class PromptTuning:
         self.row_weight = self.placement.row_weight(ds_config["gradient_accumulation_steps"])
 
         if cfg.train.resume == "auto":
-            state = self.engine.load_latest_checkpoint()
-            if state is not None:
+            if self.resume_tag is not None:
+                state = self.engine.load_checkpoint(self.resume_tag)
                 self._check_same_config(state.get("config"))
                 self.step = int(state["step"])
                 self.best = float(state["best"])
@@ -558,7 +561,9 @@ class PromptTuning:
     def _write(self, path: Path, write) -> None:
         """An output file, written atomically; on a full or read-only disk retried with the data in memory
         (eng.write_with_retry)."""
-        eng.write_with_retry(path, write, self.cfg.train.save_retry_minutes)
+        # The other ranks wait in a collective meanwhile: stay well inside its timeout.
+        eng.write_with_retry(path, write, min(self.cfg.train.save_retry_minutes,
+                                              self.cfg.deepspeed.timeout_minutes / 2))
 
     def results(self) -> dict:
         """metrics.json: the run's identity, the selected (best dev) step's dev and test metrics,

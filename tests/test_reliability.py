@@ -1,0 +1,226 @@
+"""Faults that must not cost a user their trained prompts: damaged checkpoints, checkpoint files
+that are more than tensors, full or unwritable disks, and non-finite steps (a real 2-rank run
+with faults injected by tests/dist/faults.py). Killed ranks and SIGTERM are in
+test_distributed.py, where they share the uninterrupted reference run."""
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bpt_ds import engine
+from bpt_ds.config import ConfigError
+from jobs import ROOT, TRAIN, ds_env, run_ds
+
+
+def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors") -> Path:
+    """A checkpoint directory as Engine.save_checkpoint leaves it: files plus their manifest."""
+    d = root / f"step{step:08d}"
+    d.mkdir(parents=True)
+    (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 100)
+    (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(payload)
+    manifest = {"format": 1, "step": step, "world_size": 1, "files": engine.file_digests(d)}
+    (d / engine.MANIFEST).write_text(json.dumps(manifest))
+    (root / "latest").write_text(d.name)
+    return d
+
+
+def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert engine.choose_checkpoint(root) == (None, [])
+    fake_checkpoint(root, 6)
+    fake_checkpoint(root, 12)
+    newest = fake_checkpoint(root, 18)
+    assert engine.checkpoint_problem(newest) is None
+    assert engine.choose_checkpoint(root) == ("step00000018", [])
+
+    # A truncated file: the one before is used, with a warning; the damaged one is kept aside.
+    (newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"tensors" * 10)
+    tag, notes = engine.choose_checkpoint(root)
+    assert tag == "step00000012"
+    [note] = notes
+    assert note.startswith(f"checkpoint {newest} is damaged: zero_pp_rank_0_mp_rank_00_optim_states.pt has 70 "
+                           "bytes, the manifest says 700 (truncated?). It was moved to ")
+    assert note.endswith("and is not loaded; trying the one before it")
+    assert not newest.exists() and len(glob.glob(str(root / "damaged-step00000018-*"))) == 1
+    assert (root / "latest").read_text() == "step00000012"
+
+    # Same size, other bytes; a missing file; no manifest at all.
+    middle = root / "step00000012"
+    (middle / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"TENSORS")
+    assert engine.checkpoint_problem(middle) == ("zero_pp_rank_0_mp_rank_00_model_states.pt does not match its "
+                                                 "sha256 in the manifest (corrupted)")
+    (root / "step00000006" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    assert engine.checkpoint_problem(root / "step00000006") == "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"
+    (root / "step00000003").mkdir()
+    assert engine.checkpoint_problem(root / "step00000003") == "it has no manifest.json"
+    with pytest.raises(engine.CheckpointError) as e:
+        engine.choose_checkpoint(root)
+    assert str(e.value).startswith(f"no intact checkpoint in {root} (step00000012: zero_pp_rank_0_mp_rank_00_model"
+                                   "_states.pt does not match its sha256 in the manifest (corrupted); step00000006: ")
+    assert str(e.value).endswith("each moved to damaged-*). Rerun to start from step 0, or restore a copy of the "
+                                 "checkpoints")
+    assert sorted(p.name[:20] for p in root.iterdir() if p.is_dir()) == [
+        "damaged-step00000003", "damaged-step00000006", "damaged-step00000012", "damaged-step00000018"]
+
+
+class Payload:
+    """Unpickling this would run a shell command."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_files_load_as_plain_tensors_only(tmp_path):
+    load = engine._weights_only_engine(None).load
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "step": 3}, good)
+    assert torch.equal(load(str(good))["module"]["w"], torch.ones(2))
+
+    evil = tmp_path / "evil.pt"
+    Payload.marker = tmp_path / "ran"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Payload()}, evil)
+    with pytest.raises(engine.CheckpointError) as e:
+        load(str(evil))
+    assert str(e.value) == (f"checkpoint file {evil} holds more than tensors and plain values (it needs posix.system); "
+                            "bpt_ds loads checkpoints with torch.load(weights_only=True) and runs no code from them. "
+                            "Was it written by bpt_ds? Use train.resume=never to start over")
+    assert not Payload.marker.exists()
+
+
+def test_an_unwritable_output_dir_or_a_small_disk_fails_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as e:
+        engine.check_writable(blocker / "run")
+    assert str(e.value) == (f"output_dir: cannot write to '{blocker / 'run'}' (Not a directory); choose a directory "
+                            "this job can write to on every node, e.g. output_dir=$HOME/runs/<name>")
+    engine.check_writable(tmp_path / "new" / "run")  # created, probed, left empty
+    assert list((tmp_path / "new" / "run").iterdir()) == []
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 3 * 2**20, 3 * 2**20))
+    engine.check_free_space(tmp_path / "not-yet" / "run", 3 * 2**20, "the checkpoints")
+    with pytest.raises(ConfigError) as e:
+        engine.check_free_space(tmp_path / "not-yet" / "run", 5 * 2**20, "2 checkpoint(s) and the prompt files")
+    assert str(e.value) == (f"output_dir: the file system of '{tmp_path / 'not-yet' / 'run'}' has 3.0 MiB free, and 2 "
+                            "checkpoint(s) and the prompt files need about 5.0 MiB; free some space or choose another "
+                            "output_dir")
+
+
+def test_the_trainer_refuses_an_unwritable_output_dir_before_loading_anything(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = ds_env(Path("/nonexistent-cache"), 1)  # the backbone cache is never reached
+    proc = subprocess.run([sys.executable, TRAIN, f"output_dir={blocker}/run"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"bpt_ds: error: output_dir: cannot write to '{blocker}/run' (Not a directory)" in proc.stderr
+    assert "loading backbone" not in proc.stdout
+
+
+def test_an_output_that_cannot_be_written_is_retried_then_rescued(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "out" / "prompts.safetensors"
+    failures = [OSError(errno.ENOSPC, "No space left on device")] * 2
+
+    def write(path: Path) -> None:
+        if failures and path.parent == target.parent:
+            raise failures.pop()
+        path.write_bytes(b"prompts")
+
+    engine.write_with_retry(target, write, minutes=1, interval=0.01)
+    assert target.read_bytes() == b"prompts" and not failures
+    err = capsys.readouterr().err
+    assert err.startswith(f"[bpt_ds] could not write {target}: [Errno 28] No space left on device. Its data stays in "
+                          "memory: free space or fix the permissions; retrying every 0 s for 1 min")
+    assert err.count("could not write") == 1  # said once, not once per retry
+
+    monkeypatch.setattr(engine.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    failures[:] = [OSError(errno.EROFS, "Read-only file system")] * 1000
+    with pytest.raises(engine.SaveError) as e:
+        engine.write_with_retry(target, write, minutes=0)
+    rescued = tmp_path / "tmp" / f"bpt_ds-rescue-{os.getpid()}" / "prompts.safetensors"
+    assert str(e.value) == (f"could not write {target}: [Errno 30] Read-only file system; it was written to {rescued} "
+                            f"instead; copy it to {target.parent} once there is room")
+    assert rescued.read_bytes() == b"prompts"
+    assert not list(target.parent.glob(".tmp-*"))
+
+
+def optimizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's optimizer files: fp32 prompts, Adam's moments and step."""
+    torch.serialization.add_safe_globals(engine._checkpoint_globals())
+    out = {}
+
+    def walk(obj, key):
+        if isinstance(obj, torch.Tensor):
+            out[key] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}/{i}")
+
+    for f in sorted(checkpoint.glob("*optim_states.pt")):
+        walk(torch.load(f, weights_only=True), f.name)
+    return out
+
+
+@pytest.mark.distributed
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_path, tmp_path):
+    """SVGD over 2 particles on 2 ranks, a checkpoint after every step. Injected: a NaN loss on
+    rank 1 (step 3), a NaN gradient on rank 0 (step 5), a NaN SVGD direction (step 7), a NaN
+    loss on rank 0 (step 8), and no disk space on rank 1 at the first save."""
+    out = tmp_path / "run"
+    faults = {"nan_loss": {"1": [3], "0": [8]}, "nan_grad": {"0": [5]},
+              # the SVGD hook does not run on steps 3 and 5: its 5th call is step 7
+              "nan_direction": [5], "no_space": {"1": [1]}}
+    os.environ["BPT_DS_FAULTS"] = json.dumps(faults)
+    try:
+        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), f"output_dir={out}", "stage=bmtpt-source",
+                      "model.dtype=fp32", "data.tasks=[sentiment,mood]", "prompt.length=8", "prompt.particles=2",
+                      "prompt.init=random", "train.steps=10", "train.global_batch_size=16", "train.micro_batch_size=8",
+                      "train.eval_every=0", "train.save_every=1", "train.keep_checkpoints=10", "train.max_bad_steps=2",
+                      "train.log_every=2", "train.lr=0.1", "seed=5", cache=Path(tiny_backbone_path).parent)
+    finally:
+        del os.environ["BPT_DS_FAULTS"]
+    assert proc.returncode == 4
+    log = proc.stderr
+    assert ("checkpoint of step 1 not written: 0.0 MiB free on the file system of "
+            f"{out}/checkpoints (the fullest a rank writes to)") in log
+    for step, what, in_row, in_all in [(3, "loss", 1, 1), (5, "gradient of the prompts", 1, 2),
+                                       (7, "SVGD direction", 1, 3), (8, "loss", 2, 4)]:
+        assert (f"[bpt_ds] warning: step {step} skipped: non-finite {what} on some rank ({in_row} in a row, "
+                f"{in_all} in all; the run stops at train.max_bad_steps=2 in a row)") in log
+    assert log.count("bpt_ds: error: training stopped") == 1
+    assert (f"bpt_ds: error: training stopped at step 8: 2 steps in a row had a non-finite loss (train.max_bad_steps=2; "
+            "4 skipped in all). Skipped steps do not move the prompts. The newest checkpoint is kept: "
+            f"{out}/checkpoints/step00000007. Lower train.lr") in log
+    # The full disk skipped step 1's checkpoint; the halted step 8 wrote none.
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.glob("step*")) == [f"step{s:08d}" for s in range(2, 8)]
+    assert all(engine.checkpoint_problem(p) is None for p in root.glob("step*"))
+    # A skipped step moves neither the prompts nor Adam's moments and step count; a good one does.
+    state = {s: optimizer_state(root / f"step{s:08d}") for s in range(2, 8)}
+    assert len(state[2]) == 8  # 2 ranks x (fp32 prompts, exp_avg, exp_avg_sq, step)
+    for skipped in (3, 5, 7):
+        assert all(torch.equal(state[skipped][k], state[skipped - 1][k]) for k in state[2])
+    prompts = [k for k in state[2] if "fp32_flat_groups" in k]
+    assert len(prompts) == 2
+    for good in (4, 6):
+        assert all(torch.isfinite(v).all() for v in state[good].values())
+        assert all(not torch.equal(state[good][k], state[good - 1][k]) for k in prompts)
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/skipped_steps")] == [
+        (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3), (8, 4)]
