@@ -23,13 +23,13 @@ from bpt_ds.config import ConfigError
 from jobs import ROOT, TRAIN, ds_env, run_ds
 
 
-def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors") -> Path:
+def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors", world_size: int = 1) -> Path:
     """A checkpoint directory as Engine.save_checkpoint leaves it: files plus their manifest."""
     d = root / f"step{step:08d}"
     d.mkdir(parents=True)
     (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 100)
     (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(payload)
-    manifest = {"format": 1, "step": step, "world_size": 1, "files": engine.file_digests(d)}
+    manifest = {"format": 1, "step": step, "world_size": world_size, "files": engine.file_digests(d)}
     (d / engine.MANIFEST).write_text(json.dumps(manifest))
     (root / "latest").write_text(d.name)
     return d
@@ -72,6 +72,25 @@ def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(t
                                  "checkpoints")
     assert sorted(p.name[:20] for p in root.iterdir() if p.is_dir()) == [
         "damaged-step00000003", "damaged-step00000006", "damaged-step00000012", "damaged-step00000018"]
+
+
+def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks(tmp_path, capsys):
+    """pick_checkpoint, which setup calls before the backbone loads (here as a job of one)."""
+    root = tmp_path / "checkpoints"
+    assert engine.pick_checkpoint(root) is None
+    fake_checkpoint(root, 6)
+    newest = fake_checkpoint(root, 12)
+    (newest / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert engine.pick_checkpoint(root) == "step00000006"
+    assert capsys.readouterr().err.startswith(
+        f"[bpt_ds] warning: checkpoint {newest} is damaged: zero_pp_rank_0_mp_rank_00_model_states.pt has 0 bytes, "
+        "the manifest says 7 (truncated?). It was moved to ")
+    fake_checkpoint(root, 18, world_size=2)
+    with pytest.raises(engine.CheckpointError) as e:
+        engine.pick_checkpoint(root)
+    assert str(e.value) == (f"checkpoint {root / 'step00000018'} was written by 2 rank(s) and this run has 1: ZeRO "
+                            "keeps optimizer state per rank. Launch 2 rank(s) to resume, or start over with "
+                            "train.resume=never")
 
 
 class Payload:
