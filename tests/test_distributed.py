@@ -98,10 +98,34 @@ def test_one_and_two_ranks_and_nodes_agree_and_resume_after_kill_matches(cache, 
                SLURM_SUBMIT_DIR=str(ROOT), GPUS_PER_NODE="1", MASTER_PORT="29611",
                FAKE_SLURM_LOG=str(tmp_path / "node"))
     two_nodes = tmp_path / "two-nodes"
-    proc = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), f"output_dir={two_nodes}", *SHORT_RUN], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # (A checkpoint every 2 steps: when to save does not change what is computed.)
+    sbatch = ["bash", str(ROOT / "launch/slurm.sbatch"), f"output_dir={two_nodes}", *SHORT_RUN, "train.save_every=2"]
+    # Preempted once it has a checkpoint: SIGTERM to every process of the job step, as SLURM
+    # sends it (the batch script itself is not signalled). Each node's task passes it on and
+    # waits for its rank, which saves at the next step boundary.
+    job = subprocess.Popen(sbatch, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (two_nodes / "checkpoints" / "latest").is_file() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.1)
+        [srun] = [p for p in psutil.Process(job.pid).children() if "srun" in " ".join(p.cmdline())]
+        step = srun.children(recursive=True)
+        for process in step:
+            process.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 143
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert not any(process.is_running() for process in step)  # no rank outlives its task
+    node0 = (tmp_path / "node.0").read_text()
+    stop = re.search(r"stopped at step (\d+) on SIGTERM after saving checkpoint", node0)
+    assert stop and int(stop.group(1)) < 24, node0[-3000:]
+    # Submitted again, it resumes there.
+    proc = subprocess.run(sbatch, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     node0 = (tmp_path / "node.0").read_text()
     assert proc.returncode == 0, node0[-3000:] + (tmp_path / "node.1").read_text()[-3000:]
+    assert f"resumed from step {stop.group(1)}" in node0
     assert "nnodes=2, num_local_procs=1, node_rank=0" in node0
     assert "nnodes=2, num_local_procs=1, node_rank=1" in (tmp_path / "node.1").read_text()
     assert "2 rank(s), global batch 16 = micro 8 x accumulation 1 x ranks 2" in node0
