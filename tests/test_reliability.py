@@ -204,13 +204,14 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     faults = {"nan_loss": {"1": [3], "0": [8]}, "nan_grad": {"0": [5]},
               # the SVGD hook does not run on steps 3 and 5: its 5th call is step 7
               "nan_direction": [5], "no_space": {"1": [1]}}
+    args = [f"output_dir={out}", "stage=bmtpt-source", "model.dtype=fp32", "data.tasks=[sentiment,mood]",
+            "prompt.length=8", "prompt.particles=2", "prompt.init=random", "train.steps=10",
+            "train.global_batch_size=16", "train.micro_batch_size=8", "train.eval_every=0", "train.save_every=1",
+            "train.keep_checkpoints=10", "train.max_bad_steps=2", "train.log_every=2", "train.lr=0.1", "seed=5"]
+    cache = Path(tiny_backbone_path).parent
     os.environ["BPT_DS_FAULTS"] = json.dumps(faults)
     try:
-        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), f"output_dir={out}", "stage=bmtpt-source",
-                      "model.dtype=fp32", "data.tasks=[sentiment,mood]", "prompt.length=8", "prompt.particles=2",
-                      "prompt.init=random", "train.steps=10", "train.global_batch_size=16", "train.micro_batch_size=8",
-                      "train.eval_every=0", "train.save_every=1", "train.keep_checkpoints=10", "train.max_bad_steps=2",
-                      "train.log_every=2", "train.lr=0.1", "seed=5", cache=Path(tiny_backbone_path).parent)
+        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache)
     finally:
         del os.environ["BPT_DS_FAULTS"]
     assert proc.returncode == 4
@@ -243,3 +244,17 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/skipped_steps")] == [
         (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3), (8, 4)]
+
+    # The newest checkpoint damaged (a truncated shard of rank 1), the faults gone: the rerun
+    # warns, resumes from the one before with the skip count it had, and finishes.
+    shard = root / "step00000007" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    again = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache)
+    assert again.returncode == 0
+    assert (f"[bpt_ds] warning: checkpoint {root}/step00000007 is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt "
+            "has 100 bytes, the manifest says ") in again.stderr
+    assert f"resumed from step 6 ({root}/step00000006)" in again.stdout
+    assert len(list(root.glob("damaged-step00000007-*"))) == 1
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/skipped_steps")][-1] == (10, 2)  # steps 3 and 5
