@@ -175,6 +175,24 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def on_every_rank(check: Callable[[], None]) -> None:
+    """Runs a check that may raise ConfigError on every rank; when it fails on any rank, every rank
+    raises that error (naming the rank), instead of the others hanging in the next collective."""
+    try:
+        check()
+        problem = None
+    except ConfigError as e:
+        problem = str(e)
+    problems = [problem]
+    if world_size() > 1:
+        problems = [None] * world_size()
+        dist.all_gather_object(problems, problem)
+    failed = [(r, p) for r, p in enumerate(problems) if p is not None]
+    if failed:
+        r, p = failed[0]
+        raise ConfigError(p if world_size() == 1 else f"rank {r}: {p}")
+
+
 def check_writable(directory: Path, key: str = "output_dir") -> None:
     """Creates directory and writes, syncs and deletes a probe file in it; a ConfigError naming
     the key otherwise (before any data or weights load)."""
@@ -199,17 +217,18 @@ def check_free_space(directory: Path, need: int, what: str, key: str = "output_d
                           f"{mib(need)}; free some space or choose another {key}")
 
 
-def write_with_retry(path: Path, write: Callable[[Path], None], minutes: float, interval: float = 30.0) -> None:
+def write_with_retry(path: Path, write: Callable[[Path], None], minutes: float, interval: float = 30.0) -> float:
     """atomic_write that survives a full or read-only disk for a while: on OSError it says so and
     retries every `interval` seconds for `minutes`, the data staying in memory; then it writes
     the file into a rescue directory under the system's temporary directory and raises SaveError
-    naming it."""
-    deadline = time.monotonic() + minutes * 60
+    naming it. Returns the minutes spent waiting."""
+    started = time.monotonic()
+    deadline = started + minutes * 60
     told = False
     while True:
         try:
             atomic_write(path, write)
-            return
+            return (time.monotonic() - started) / 60 if told else 0.0
         except OSError as e:
             error = e
             try:
@@ -283,10 +302,11 @@ def file_digests(directory: Path) -> dict[str, dict]:
 
 def checkpoint_problem(path: Path) -> Optional[str]:
     """None when the checkpoint directory holds every file its manifest lists, with the listed size
-    and sha256; otherwise what is wrong."""
+    and sha256 (or, written before manifests existed, has no manifest and is not empty); otherwise
+    what is wrong."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return f"it has no {MANIFEST}"
+        return None if any(path.iterdir()) else "it is empty"  # written before manifests: unverified
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
@@ -320,6 +340,9 @@ def choose_checkpoint(root: Path) -> tuple[Optional[str], list[str]]:
         if problem is None:
             if bad:
                 atomic_write(root / "latest", lambda p: p.write_text(tag))
+            if not (root / tag / MANIFEST).is_file():
+                warnings_.append(f"checkpoint {root / tag} has no {MANIFEST} (written by an earlier bpt_ds): it is "
+                                 "loaded without checking its files")
             return tag, warnings_
         aside = root / f"damaged-{tag}-{stamp}"
         os.replace(root / tag, aside)
@@ -343,14 +366,15 @@ def pick_checkpoint(root: Path) -> Optional[str]:
             for note in notes:
                 print(f"[bpt_ds] warning: {note}", file=sys.stderr, flush=True)
             choice = [("ok", tag)]
-            if tag is not None:
+            if tag is not None and (root / tag / MANIFEST).is_file():
                 written_by = json.loads((root / tag / MANIFEST).read_text()).get("world_size", world_size())
                 if written_by != world_size():
                     choice = [("error", f"checkpoint {root / tag} was written by {written_by} rank(s) and this run "
                                         f"has {world_size()}: ZeRO keeps optimizer state per rank. Launch "
                                         f"{written_by} rank(s) to resume, or start over with train.resume=never")]
-        except (CheckpointError, OSError, ValueError) as e:
-            choice = [("error", str(e))]
+        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it, or they hang
+            choice = [("error", str(e) if isinstance(e, CheckpointError) else
+                       f"could not check the checkpoints in {root}: {type(e).__name__}: {e}")]
     if world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
     kind, value = choice[0]
@@ -636,6 +660,10 @@ class Engine:
 
         if type(self.ds.checkpoint_engine) is TorchCheckpointEngine:  # DeepSpeed's default engine
             self.ds.checkpoint_engine = _weights_only_engine(self.ds._config)
+        elif rank() == 0:
+            print(f"[bpt_ds] warning: the DeepSpeed config selects checkpoint engine "
+                  f"{type(self.ds.checkpoint_engine).__name__}; checkpoints are then loaded by it, not with "
+                  "torch.load(weights_only=True)", file=sys.stderr, flush=True)
         self.device = self.ds.device
         self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
         # Of the latest step: why it was skipped ("loss", "gradient", "direction") or None, and
@@ -673,14 +701,23 @@ class Engine:
                 stats = StepStats.zeros(bank.num_particles, len(bank.tasks) or 1, self.device, tuple(extra))
             bad_loss = torch.maximum(bad_loss, (~torch.isfinite(rows.detach())).any().float())
             self.ds.backward((rows * row_weight).sum())
-            if self.ds.is_gradient_accumulation_boundary():
+            boundary = self.ds.is_gradient_accumulation_boundary()
+            if boundary:
                 self.skipped = self._check_step(bad_loss, grad_hook)
                 # A skipped step: DeepSpeed still clips and clears the gradients, the optimizer moves nothing.
                 self.base_optimizer.skip = self.skipped is not None
+            skipped_by_deepspeed = self.ds.skipped_steps
             try:
                 self.ds.step()
             finally:
                 self.base_optimizer.skip = False
+            if boundary and self.ds.skipped_steps > skipped_by_deepspeed:
+                # DeepSpeed's ZeRO optimizers also drop a step whose gradient norm is not finite, and
+                # then do not step the schedule; a skipped SVGD direction does. The schedule follows
+                # the data steps in both cases.
+                self.skipped = self.skipped or "gradient"
+                if self.scheduler is not None:
+                    self.scheduler.step()
             stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]), extra)
         return stats
 
@@ -875,6 +912,8 @@ class Engine:
         except CheckpointError:
             raise
         except (RuntimeError, ValueError, KeyError, AssertionError) as e:
+            if is_comm_failure(e):
+                raise  # a rank was lost while loading: launch/train.py names it
             raise ConfigError(f"checkpoint {root / tag} does not fit this run (was the prompt, particle or "
                               f"factor setup, or the number of ranks, changed?): {e}. Use a new output_dir, or "
                               "train.resume=never") from None

@@ -12,6 +12,27 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = 1  # an exception that escapes _main
+    try:
+        code = _main(argv)
+        return code
+    finally:
+        record_exit_code(code)
+
+
+def record_exit_code(code: int) -> None:
+    """With BPT_DS_STATUS_DIR set (launch/slurm.sbatch sets it per node), each rank writes its exit
+    code there: the deepspeed launcher's own code says nothing once SIGTERM reached it too."""
+    folder = os.environ.get("BPT_DS_STATUS_DIR")
+    if folder:
+        try:
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config or pipeline (see configs/); default: the embedded "
                                           "tiny CPU run")

@@ -53,25 +53,19 @@ def typo(key: str, data) -> str:
 @settings(max_examples=250, **SETTINGS)
 @given(st.data())
 def test_any_override_gives_a_config_or_an_error_naming_the_key(data):
-    overrides = []
-    for _ in range(data.draw(st.integers(1, 3))):
-        key = data.draw(st.sampled_from(KEYS))
-        if data.draw(st.booleans()) and data.draw(st.booleans()):
-            key = typo(key, data)
-        overrides.append((key, data.draw(VALUES)))
+    key = data.draw(st.sampled_from(KEYS))
+    if data.draw(st.booleans()) and data.draw(st.booleans()):
+        key = typo(key, data)
+    value = data.draw(VALUES)
     try:
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides])
+        cfg = load_config(None, [f"{key}={value}"])
     except ConfigError as e:
         event("refused")
-        message = str(e)
-        # The message names one of the keys given (or its section, or the whole override).
-        assert any(k in message or k.split(".")[0] in message or k.rsplit(".", 1)[-1] in message
-                   for k, _ in overrides), message
+        assert key in str(e), str(e)
         return
     event("accepted")
     assert isinstance(cfg, RunConfig)
-    for k, _ in overrides:
-        assert k in KEYS or k.split(".")[1] in ("local", "files", "hub")  # an unknown key never passes
+    assert key in KEYS  # an unknown key never passes
 
 
 # ----------------------------------------------------------------------------- data rows

@@ -63,7 +63,7 @@ def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(t
     (root / "step00000006" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
     assert engine.checkpoint_problem(root / "step00000006") == "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"
     (root / "step00000003").mkdir()
-    assert engine.checkpoint_problem(root / "step00000003") == "it has no manifest.json"
+    assert engine.checkpoint_problem(root / "step00000003") == "it is empty"
     with pytest.raises(engine.CheckpointError) as e:
         engine.choose_checkpoint(root)
     assert str(e.value).startswith(f"no intact checkpoint in {root} (step00000012: zero_pp_rank_0_mp_rank_00_model"
@@ -85,6 +85,12 @@ def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks(tmp_pat
     assert capsys.readouterr().err.startswith(
         f"[bpt_ds] warning: checkpoint {newest} is damaged: zero_pp_rank_0_mp_rank_00_model_states.pt has 0 bytes, "
         "the manifest says 7 (truncated?). It was moved to ")
+    # Written before manifests existed: loaded, unverified, with a warning.
+    legacy = fake_checkpoint(root, 15)
+    (legacy / engine.MANIFEST).unlink()
+    assert engine.pick_checkpoint(root) == "step00000015"
+    assert capsys.readouterr().err == (f"[bpt_ds] warning: checkpoint {legacy} has no manifest.json (written by an "
+                                       "earlier bpt_ds): it is loaded without checking its files\n")
     fake_checkpoint(root, 18, world_size=2)
     with pytest.raises(engine.CheckpointError) as e:
         engine.pick_checkpoint(root)
@@ -145,6 +151,23 @@ def test_the_trainer_refuses_an_unwritable_output_dir_before_loading_anything(tm
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"bpt_ds: error: output_dir: cannot write to '{blocker}/run' (Not a directory)" in proc.stderr
+    assert "loading backbone" not in proc.stdout
+
+
+@pytest.mark.distributed
+def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_message(tiny_backbone_path, tmp_path):
+    """Rank 1 alone finds no free space before training: both ranks stop with its error (code 2),
+    rather than rank 0 waiting in the next collective."""
+    os.environ["BPT_DS_FAULTS"] = json.dumps({"no_space_at_start": ["1"]})
+    try:
+        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), f"output_dir={tmp_path / 'run'}", "train.steps=2",
+                      cache=Path(tiny_backbone_path).parent, timeout=300)
+    finally:
+        del os.environ["BPT_DS_FAULTS"]
+    assert proc.returncode == 2
+    message = (f"bpt_ds: error: rank 1: output_dir: the file system of '{tmp_path / 'run'}' has 0.0 MiB free, and "
+               "2 checkpoint(s) (train.keep_checkpoints), one being written, and the prompt files need about ")
+    assert proc.stderr.count(message) == 2  # printed by both ranks
     assert "loading backbone" not in proc.stdout
 
 
@@ -244,11 +267,16 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/skipped_steps")] == [
         (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3), (8, 4)]
+    # The linear schedule follows the data steps, skipped or not (DeepSpeed itself would hold it
+    # back on a non-finite gradient, and not on a bad SVGD direction).
+    lr = [(e.step, e.value) for e in acc.Scalars("train/lr")]
+    assert [s for s, _ in lr] == [2, 4, 6] and all(abs(v - 0.1 * (1 - s / 10)) < 1e-6 for s, v in lr), lr
 
     # The newest checkpoint damaged (a truncated shard of rank 1), the faults gone: the rerun
     # warns, resumes from the one before with the skip count it had, and finishes.
     shard = root / "step00000007" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])
+    # (faults.py refuses torch.load without weights_only=True: the resume proves how it loads.)
     again = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache)
     assert again.returncode == 0
     assert (f"[bpt_ds] warning: checkpoint {root}/step00000007 is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt "

@@ -121,6 +121,7 @@ class PromptTuning:
         self.bad_in_row = 0
         self.bad_total = 0
         self.checkpoint: Optional[str] = None  # the newest checkpoint written or resumed from
+        self.retry_minutes_spent = 0.0  # waiting for a full or read-only disk (_write)
         self.last_metrics: dict = {}
         self.last_eval_step = -1
         # The evaluation with the best mean dev score: its step, dev and test metrics.
@@ -137,7 +138,7 @@ class PromptTuning:
         self.adjust_ds_config(ds_config)
         self.placement = self.placement_for(cfg, self.world)
         # Every rank writes checkpoint shards: an output_dir it cannot write fails now, not at step save_every.
-        eng.check_writable(self.out)
+        eng.on_every_rank(lambda: eng.check_writable(self.out))
         if self.is_main:
             # Outputs of an earlier, finished run are no longer this directory's final word.
             (self.out / DONE_FILE).unlink(missing_ok=True)
@@ -205,9 +206,9 @@ class PromptTuning:
 
         self.check_inputs(bank)
         values = bank.size()
-        eng.check_free_space(self.out, (cfg.train.keep_checkpoints + 1) * (16 * values + 2**20) + 3 * 4 * values,
-                             f"{cfg.train.keep_checkpoints} checkpoint(s) (train.keep_checkpoints), one being written, "
-                             "and the prompt files")
+        eng.on_every_rank(lambda: eng.check_free_space(
+            self.out, (cfg.train.keep_checkpoints + 1) * (16 * values + 2**20) + 3 * 4 * values,
+            f"{cfg.train.keep_checkpoints} checkpoint(s) (train.keep_checkpoints), one being written, and the prompt files"))
 
         # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
         self.backbone = backbone = load_backbone(model_path, ds_config, eng.ds_dtype(ds_config),
@@ -415,7 +416,7 @@ class PromptTuning:
             if self.engine.stop_requested:
                 # A rank got SIGTERM; all ranks learned it in the same step's all-reduce.
                 if not saved and not self._save_checkpoint():
-                    raise eng.Preempted(f"asked to stop (SIGTERM) at step {self.step}, but there was no room for a "
+                    raise eng.SaveError(f"asked to stop (SIGTERM) at step {self.step}, but there was no room for a "
                                         f"checkpoint (see the warning above); the newest checkpoint is "
                                         f"{self.checkpoint or 'none: a rerun starts over'}")
                 bar.close()
@@ -560,10 +561,10 @@ class PromptTuning:
 
     def _write(self, path: Path, write) -> None:
         """An output file, written atomically; on a full or read-only disk retried with the data in memory
-        (eng.write_with_retry)."""
+        (eng.write_with_retry), for train.save_retry_minutes over the whole run."""
         # The other ranks wait in a collective meanwhile: stay well inside its timeout.
-        eng.write_with_retry(path, write, min(self.cfg.train.save_retry_minutes,
-                                              self.cfg.deepspeed.timeout_minutes / 2))
+        budget = min(self.cfg.train.save_retry_minutes, self.cfg.deepspeed.timeout_minutes / 2)
+        self.retry_minutes_spent += eng.write_with_retry(path, write, max(0.0, budget - self.retry_minutes_spent))
 
     def results(self) -> dict:
         """metrics.json: the run's identity, the selected (best dev) step's dev and test metrics,

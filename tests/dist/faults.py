@@ -4,7 +4,11 @@ environment variable BPT_DS_FAULTS, a JSON object whose keys are all optional:
   {"nan_loss":      {"<rank>": [steps]},  # the step's per-row losses become NaN on that rank
    "nan_grad":      {"<rank>": [steps]},  # the losses stay finite, their gradient becomes NaN
    "nan_direction": [steps],              # the SVGD direction (stage bmtpt-source) becomes NaN
-   "no_space":      {"<rank>": [saves]}}  # the n-th checkpoint save (1-based) finds the disk full
+   "no_space":      {"<rank>": [saves]},  # the n-th checkpoint save (1-based) finds the disk full
+   "no_space_at_start": ["<rank>"]}       # setup's free-space check finds the disk full
+
+Always: torch.load refuses to unpickle with weights_only=False (so a test that resumes through
+this script proves that checkpoints are loaded with weights_only=True).
 
 Steps are 1-based optimizer steps of this process (one forward per step: no accumulation).
 
@@ -74,7 +78,30 @@ def faulty_save(self, *args, **kwargs):
         engine.free_bytes = free_bytes
 
 
+check_free_space = engine.check_free_space
+
+
+def faulty_check_free_space(directory, need, what, key="output_dir"):
+    if RANK in FAULTS.get("no_space_at_start", []):
+        engine.free_bytes = lambda path: 0
+    try:
+        return check_free_space(directory, need, what, key)
+    finally:
+        engine.free_bytes = free_bytes
+
+
+load = torch.load
+
+
+def weights_only_load(*args, **kwargs):
+    if kwargs.get("weights_only") is not True:
+        raise RuntimeError(f"torch.load called with weights_only={kwargs.get('weights_only')!r}")
+    return load(*args, **kwargs)
+
+
 model.PromptedT5.forward = faulty_forward
+engine.check_free_space = faulty_check_free_space
+torch.load = weights_only_load
 svgd.svgd_terms = faulty_terms
 engine.Engine.save_checkpoint = faulty_save
 
