@@ -57,6 +57,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
 
     global _TIMEOUT_S
     _TIMEOUT_S = timeout_minutes * 60
+    if on_gpu():
+        # Each rank on its own GPU before the first collective: setup gathers objects (checks every
+        # rank must agree on, the checkpoint to resume) before DeepSpeed would set the device.
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                timeout=datetime.timedelta(minutes=timeout_minutes))
 
