@@ -179,6 +179,23 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def utc_stamp() -> str:
+    """Now, for the names of directories moved aside (damaged or set-aside checkpoints)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def checkpoint_bytes_estimate(trainable_values: int) -> int:
+    """Bytes of one checkpoint before any was written: 16 per trainable value (weights, Adam's two
+    moments, master copy) and DeepSpeed's per-file overhead."""
+    return 16 * trainable_values + (world_size() + 1) * 2**16 + 2**20
+
+
 def on_every_rank(check: Callable[[], None]) -> None:
     """Runs a check that may raise ConfigError on every rank; when it fails on any rank, every rank
     raises that error (naming the rank), instead of the others hanging in the next collective."""
@@ -332,13 +349,11 @@ def choose_checkpoint(root: Path) -> tuple[Optional[str], list[str]]:
     one that does not. Damaged ones are renamed damaged-<tag>-<time> (kept, never loaded) and
     `latest` is pointed at the chosen one. Raises CheckpointError when checkpoints exist but none
     is intact."""
-    import datetime
-
     if not root.is_dir():
         return None, []
     tags = sorted((d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("step")), reverse=True)
     warnings_, bad = [], []
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     for tag in tags:
         problem = checkpoint_problem(root / tag)
         if problem is None:
@@ -846,15 +861,16 @@ class Engine:
 
     # --------------------------------------------------------------- checkpoints
     def checkpoint_dir(self) -> Path:
-        return Path(self.cfg.output_dir) / "checkpoints"
+        return checkpoint_dir(self.cfg)
 
     def checkpoint_bytes_estimate(self) -> int:
         """Bytes the next checkpoint needs: the last one's size (plus a margin), or before the first,
-        16 bytes per trainable value (weights, Adam's two moments, master copy) and per-file overhead."""
+        checkpoint_bytes_estimate of the prompt bank."""
         if self.last_checkpoint_bytes is not None:
             return int(self.last_checkpoint_bytes * 1.1) + 2**20
-        values = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.bank.parameters())
-        return 16 * values + (world_size() + 1) * 2**16 + 2**20
+        # (bank.size() counts what this rank holds, 0 once ZeRO-3 has partitioned the bank.)
+        return checkpoint_bytes_estimate(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                             for p in self.model.bank.parameters()))
 
     def save_checkpoint(self, step: int, client_state: dict) -> Optional[Path]:
         """Trainable tensors and optimizer state only; the frozen backbone is not copied.
@@ -931,10 +947,8 @@ class Engine:
         """train.resume=never: earlier checkpoints (and the earlier TensorBoard log, which the new
         run's curves would mix with) move to dated siblings instead of being deleted. Returns
         where the checkpoints went, if there were any."""
-        import datetime
-
         root = self.checkpoint_dir()
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = utc_stamp()
         moved = None
         if rank() == 0:
             for old in (root, root.with_name("tb")):

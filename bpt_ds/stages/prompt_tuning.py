@@ -172,7 +172,7 @@ class PromptTuning:
                                             if cfg.prompt.init == "file" else None)
 
         # The checkpoint to resume from, checked (manifest, number of ranks) before the backbone loads.
-        self.resume_tag = eng.pick_checkpoint(self.out / "checkpoints") if cfg.train.resume == "auto" else None
+        self.resume_tag = eng.pick_checkpoint(eng.checkpoint_dir(cfg)) if cfg.train.resume == "auto" else None
 
         model_path = resolve_model_path(cfg.model.name_or_path, progress=self.is_main)
         # A run that cannot fit in device memory is refused before the weights load.
@@ -207,7 +207,7 @@ class PromptTuning:
         self.check_inputs(bank)
         values = bank.size()
         eng.on_every_rank(lambda: eng.check_free_space(
-            self.out, (cfg.train.keep_checkpoints + 1) * (16 * values + 2**20) + 3 * 4 * values,
+            self.out, (cfg.train.keep_checkpoints + 1) * eng.checkpoint_bytes_estimate(values) + 3 * 4 * values,
             f"{cfg.train.keep_checkpoints} checkpoint(s) (train.keep_checkpoints), one being written, and the prompt files"))
 
         # Kept for the whole run: its HfDeepSpeedConfig tells transformers that ZeRO-3 is on.
@@ -233,20 +233,19 @@ class PromptTuning:
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.row_weight = self.placement.row_weight(ds_config["gradient_accumulation_steps"])
 
-        if cfg.train.resume == "auto":
-            if self.resume_tag is not None:
-                state = self.engine.load_checkpoint(self.resume_tag)
-                self._check_same_config(state.get("config"))
-                self.step = int(state["step"])
-                self.best = float(state["best"])
-                self.selected = state.get("selected") or {}
-                self.evals_without_gain = int(state["evals_without_gain"])
-                self.stopped = bool(state["stopped"])
-                self.bad_in_row = int(state.get("bad_in_row", 0))
-                self.bad_total = int(state.get("bad_total", 0))
-                self.checkpoint = str(self.engine.checkpoint_dir() / state["checkpoint"])
-                self._info(f"resumed from step {self.step} ({self.checkpoint})")
-        elif (moved := self.engine.set_aside_checkpoints()) is not None:
+        if self.resume_tag is not None:  # train.resume=auto found one
+            state = self.engine.load_checkpoint(self.resume_tag)
+            self._check_same_config(state.get("config"))
+            self.step = int(state["step"])
+            self.best = float(state["best"])
+            self.selected = state.get("selected") or {}
+            self.evals_without_gain = int(state["evals_without_gain"])
+            self.stopped = bool(state["stopped"])
+            self.bad_in_row = int(state.get("bad_in_row", 0))
+            self.bad_total = int(state.get("bad_total", 0))
+            self.checkpoint = str(self.engine.checkpoint_dir() / state["checkpoint"])
+            self._info(f"resumed from step {self.step} ({self.checkpoint})")
+        elif cfg.train.resume == "never" and (moved := self.engine.set_aside_checkpoints()) is not None:
             self._info(f"train.resume=never: earlier checkpoints moved to {moved}")
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter

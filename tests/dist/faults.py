@@ -64,30 +64,24 @@ def faulty_terms(*args, **kwargs):
     return out
 
 
-save = engine.Engine.save_checkpoint
 free_bytes = engine.free_bytes
 
 
-def faulty_save(self, *args, **kwargs):
+def full_disk_when(full, fn):
+    """fn, seeing no free space (engine.free_bytes 0) on the calls where full() says so."""
+    def wrapped(*args, **kwargs):
+        engine.free_bytes = (lambda path: 0) if full() else free_bytes
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            engine.free_bytes = free_bytes
+
+    return wrapped
+
+
+def nth_save() -> bool:
     steps_seen["save"] += 1
-    full = steps_seen["save"] in FAULTS.get("no_space", {}).get(RANK, [])
-    engine.free_bytes = (lambda path: 0) if full else free_bytes
-    try:
-        return save(self, *args, **kwargs)
-    finally:
-        engine.free_bytes = free_bytes
-
-
-check_free_space = engine.check_free_space
-
-
-def faulty_check_free_space(directory, need, what, key="output_dir"):
-    if RANK in FAULTS.get("no_space_at_start", []):
-        engine.free_bytes = lambda path: 0
-    try:
-        return check_free_space(directory, need, what, key)
-    finally:
-        engine.free_bytes = free_bytes
+    return steps_seen["save"] in FAULTS.get("no_space", {}).get(RANK, [])
 
 
 load = torch.load
@@ -100,10 +94,10 @@ def weights_only_load(*args, **kwargs):
 
 
 model.PromptedT5.forward = faulty_forward
-engine.check_free_space = faulty_check_free_space
+engine.check_free_space = full_disk_when(lambda: RANK in FAULTS.get("no_space_at_start", []), engine.check_free_space)
+engine.Engine.save_checkpoint = full_disk_when(nth_save, engine.Engine.save_checkpoint)
 torch.load = weights_only_load
 svgd.svgd_terms = faulty_terms
-engine.Engine.save_checkpoint = faulty_save
 
 if __name__ == "__main__":
     sys.exit(train.main(script_args()))
