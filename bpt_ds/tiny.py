@@ -143,9 +143,15 @@ def _resolve_recipe(overrides: dict | None) -> dict:
     return {**TINY_RECIPE, **(overrides or {})}
 
 
+def _has_model_files(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def _is_complete(path: Path) -> bool:
-    """build_info.json is written last, so its presence marks a finished build."""
-    return (path / BUILD_INFO).is_file()
+    """build_info.json is written last, so its presence marks a finished build. A directory
+    with build_info.json but no weights (left by versions that built on a rank other than 0,
+    where transformers saved nothing) is incomplete and is built again."""
+    return (path / BUILD_INFO).is_file() and _has_model_files(path)
 
 
 def _build_into(directory: Path, recipe: dict, progress: bool) -> None:
@@ -163,7 +169,13 @@ def _build_into(directory: Path, recipe: dict, progress: bool) -> None:
         failed = {task: acc for task, acc in accuracy.items() if acc < MIN_ACCURACY}
         if failed:
             raise RuntimeError(f"tiny backbone pre-training fell below {MIN_ACCURACY}: {failed}")
+        # Once a process group exists, transformers writes the weights on torch.distributed rank 0
+        # only; this cache is per machine, and whichever rank holds the lock builds it.
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.save_pretrained(directory)
+        if not _has_model_files(directory):
+            raise RuntimeError(f"tiny backbone build: save_pretrained wrote no config.json/model.safetensors "
+                               f"into {directory}")
         info = {
             "recipe": recipe,
             "recipe_hash": recipe_hash(recipe),

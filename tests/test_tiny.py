@@ -4,6 +4,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from bpt_ds import tiny
@@ -148,3 +149,25 @@ def test_recipe_hash_changes_with_any_value():
 def test_unknown_recipe_key_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="pretrain_stepz"):
         build_tiny_backbone(tmp_path, recipe={"pretrain_stepz": 10})
+
+
+def test_a_build_on_a_rank_other_than_0_writes_the_weights(tmp_path, monkeypatch):
+    """Ranks race for the build lock after the process group starts; transformers then saves
+    on torch.distributed rank 0 only. A build by rank 1 must still write a loadable model, and
+    a cache entry an older version left without weights is built again, not trusted."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(tiny, "_pretrain", lambda *args: 0.0)
+    monkeypatch.setattr(tiny, "_validation_accuracy", lambda *args: {"sentiment": 1.0})
+    recipe = {"spm_vocab_size": 300, "corpus_lines": 2000}
+    path = build_tiny_backbone(tmp_path, recipe=recipe, progress=False)
+    model = T5ForConditionalGeneration.from_pretrained(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_RECIPE["seed"])
+        expected = T5ForConditionalGeneration(tiny._model_config(tiny._resolve_recipe(recipe), model.config.vocab_size))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    # The broken entry of an older version: build_info.json without the model files.
+    for name in ("model.safetensors", "config.json"):
+        (path / name).unlink()
+    assert build_tiny_backbone(tmp_path, recipe=recipe, progress=False) == path
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
