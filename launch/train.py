@@ -144,4 +144,10 @@ def write_seed_table(run_dirs: list[str], say) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed. Exempt the millions of torch/transformers objects from
+    # the collector's passes at interpreter exit: that takes the exit from ~1.3 s to ~0.2 s.
+    import gc
+
+    gc.freeze()
+    sys.exit(code)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.distributed
 # fp32 so that runs on 1 and 2 ranks can be held to a tight tolerance.
 SOURCE = ["stage=bmtpt-source", "model.dtype=fp32", "data.tasks=[sentiment,mood]", "prompt.length=8",
           "prompt.init=random", "prompt.init_std=0.5", "train.steps=12", "train.global_batch_size=16",
-          "train.eval_every=0", "train.save_every=0", "train.log_every=4", "train.lr=0.1", "seed=5"]
+          "train.eval_every=0", "train.save_every=0", "train.log_every=4", "train.lr=0.1", "seed=5",
+          "data.max_eval_examples=16"]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     out = tmp_path / "runs"
     args = ["--config", str(pipeline), f"output_dir={out}", "model.dtype=fp32", "train.steps=12",
             "train.eval_every=0", "train.save_every=0", "train.log_every=4", "source.data.synthetic_train_examples=400",
-            "target.prior.kind=gaussian-diagonal", "target.prior.beta=0.01"]
+            "target.prior.kind=gaussian-diagonal", "target.prior.beta=0.01", "data.max_eval_examples=16"]
     proc = run_ds(1, TRAIN, *args, cache=cache)
     assert proc.returncode == 0
     assert "[bpt_ds] pipeline stage 2/3: target (target) -> " + str(out / "target") in proc.stdout
@@ -194,7 +195,7 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     with_prior = (target["particles"][0] - mean).norm()
     without = (particles(out / "noprior")[0] - mean).norm()
     assert with_prior < 0.8 * without
-    assert json.loads((out / "target" / "metrics.json").read_text())["final"]["dev"]["polarity"]["examples"] == 200
+    assert json.loads((out / "target" / "metrics.json").read_text())["final"]["dev"]["polarity"]["examples"] == 16
 
     # The same command again: every stage finished with this config, so nothing runs.
     again = run_ds(1, TRAIN, *args, cache=cache)

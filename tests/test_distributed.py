@@ -25,7 +25,9 @@ pytestmark = pytest.mark.distributed
 # checked for learning in test_two_ranks_learn_and_backbone_is_untouched.
 SHORT_RUN = ["model.dtype=fp32", "train.steps=24", "train.global_batch_size=16", "train.micro_batch_size=8",
              "train.eval_every=0", "train.save_every=6", "train.log_every=4", "prompt.length=8",
-             "train.lr=0.3", "seed=3"]
+             "train.lr=0.3", "seed=3",
+             # These runs compare prompts, not scores: a short final evaluation.
+             "data.max_eval_examples=16"]
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +340,8 @@ def test_resume_replays_dropout_of_a_real_style_backbone(tiny_backbone_path, cac
     config["dropout_rate"] = 0.3
     (ckpt / "config.json").write_text(json.dumps(config))
     common = [f"model.name_or_path={ckpt}", "model.dtype=fp32", "train.schedule=constant", "train.eval_every=0",
-              "train.save_every=6", "prompt.length=8", "train.global_batch_size=16"]
+              "train.save_every=6", "prompt.length=8", "train.global_batch_size=16",
+              "data.max_eval_examples=16"]
     split, whole = tmp_path / "split", tmp_path / "whole"
     assert run_ds(1, TRAIN, f"output_dir={split}", *common, "train.steps=6", cache=cache).returncode == 0
     resumed = run_ds(1, TRAIN, f"output_dir={split}", *common, "train.steps=12", cache=cache)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 TEACHERS = ["stage=mpt-teachers", "model.dtype=fp32", "train.steps=12", "train.global_batch_size=16",
             "train.micro_batch_size=8", "train.eval_every=0", "prompt.length=8", "train.lr=0.3", "seed=5",
             # Clipping acts every step, so a joint clip over both teachers would couple them.
-            "train.max_grad_norm=0.01"]
+            "train.max_grad_norm=0.01", "data.max_eval_examples=16"]
 
 
 @pytest.fixture(scope="module")

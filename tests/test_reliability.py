@@ -230,7 +230,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     args = [f"output_dir={out}", "stage=bmtpt-source", "model.dtype=fp32", "data.tasks=[sentiment,mood]",
             "prompt.length=8", "prompt.particles=2", "prompt.init=random", "train.steps=10",
             "train.global_batch_size=16", "train.micro_batch_size=8", "train.eval_every=0", "train.save_every=1",
-            "train.keep_checkpoints=10", "train.max_bad_steps=2", "train.log_every=2", "train.lr=0.1", "seed=5"]
+            "train.keep_checkpoints=10", "train.max_bad_steps=2", "train.log_every=2", "train.lr=0.1", "seed=5",
+            "data.max_eval_examples=16"]
     cache = Path(tiny_backbone_path).parent
     os.environ["BPT_DS_FAULTS"] = json.dumps(faults)
     try:
