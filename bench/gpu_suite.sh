@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of the performance and scaling issues, as one prepared command for a
 # single-GPU machine (H100 / H200): throughput of ours vs peft at t5-v1_1 Base, Large, XL
-# and XXL (random weights, published dimensions), the SVGD share at M = 8, and ZeRO-3 against
-# the replicated backbone. Every figure goes to $OUT (default bench/results) as JSON.
+# and XXL (random weights, published dimensions), the SVGD share at M = 8, ZeRO-3 against
+# the replicated backbone, and fused AdamW and torch.compile against ours without them.
+# Every figure goes to $OUT (default bench/results) as JSON.
 #
 #   ../shared/tools/device-wheels.sh            # here, once: DeepSpeed and friends into .whl
 #   # on the GPU machine (carry .whl), from the project root:
@@ -53,10 +54,16 @@ for model in $MODELS; do
         # --prompt-length 100: ~91 GiB without it, ~33 GiB with it on one GPU).
         *xxl) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json --rows ours \
                   --micro "$BATCH" --set model.gradient_checkpointing=true ;;
-        # Ours against both peft rows, then the replicated backbone (ours only) at the same size.
+        # Ours against both peft rows, then the replicated backbone at the same size, with torch's
+        # fused AdamW beside it; at Base also torch.compile (inductor), which breaks at every
+        # module under ZeRO-3 and so is timed on the replicated backbone only. Its compilation
+        # falls in the warm-up steps; XL's would not fit this call's time. (tiny: the CPU smoke test.)
+        *base | tiny) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json --micro "$BATCH"
+                      run "${tag}_replicated" --model "$model" --ds-config ds_configs/replicated_bf16.json \
+                          --rows ours,ours-fused,ours-compiled --warmup 4 --micro "$BATCH" ;;
         *) run "${tag}_zero3" --model "$model" --ds-config ds_configs/zero3_bf16.json --micro "$BATCH"
-           run "${tag}_replicated" --model "$model" --ds-config ds_configs/replicated_bf16.json --rows ours \
-               --micro "$BATCH" ;;
+           run "${tag}_replicated" --model "$model" --ds-config ds_configs/replicated_bf16.json \
+               --rows ours,ours-fused --micro "$BATCH" ;;
     esac
 done
 # SVGD's share of the step at M = 8 on the XL-sized backbone (or the first model on CPU).

@@ -20,6 +20,11 @@ windows (row A, row B, row C, row A, ...), so drift of the machine hits every ro
 - ours-grouped (optional, --rows): ours with length-grouped batches (data.group_by_length,
   --group-window steps pooled); its tokens/s is the figure to compare, since its steps hold
   other examples than the other rows' steps.
+- ours-fused (optional): ours with torch's fused AdamW kernel (train.fused_adamw), switched on
+  for this row's steps only.
+- ours-compiled (optional): ours with the prompted model under torch.compile (model.compile,
+  --compile-backend); compilation, and the recompiles for new input lengths until dynamo marks
+  them dynamic, fall in its warm-up steps (--warmup; raise it when the lengths vary a lot).
 
 Examples: a synthetic two-label task whose input lengths follow a GLUE-like distribution:
 word counts lognormal with median 20 and sigma 0.7 (about: 50% under 20 words, 90% under 50,
@@ -127,7 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (default 2)")
     ap.add_argument("--rows", default="ours,peft-padded,peft-our-batches",
                     help="comma-separated, from ours, ours-grouped (length-grouped batches, "
-                         "data.group_by_length), peft-padded, peft-our-batches")
+                         "data.group_by_length), ours-fused (train.fused_adamw), ours-compiled "
+                         "(model.compile), peft-padded, peft-our-batches")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the ours-compiled row (default inductor)")
     ap.add_argument("--group-window", type=int, default=8,
                     help="steps pooled per length group for the ours-grouped row (default 8)")
     ap.add_argument("--ds-config", default="auto", help="deepspeed.config for every row (default auto)")
@@ -138,10 +146,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures as JSON here (rank 0)")
     args = ap.parse_args(argv)
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(rows_wanted) - {"ours", "ours-grouped", "peft-padded", "peft-our-batches"}
+    known = ["ours", "ours-grouped", "ours-fused", "ours-compiled", "peft-padded", "peft-our-batches"]
+    unknown = set(rows_wanted) - set(known)
     if unknown:
-        ap.error(f"--rows: unknown {sorted(unknown)}; use ours, ours-grouped, peft-padded, peft-our-batches")
-    if args.particles != 1 and set(rows_wanted) - {"ours", "ours-grouped"}:
+        ap.error(f"--rows: unknown {sorted(unknown)}; use {', '.join(known)}")
+    for row, key in (("ours-fused", "train.fused_adamw="), ("ours-compiled", "model.compile=")):
+        if row in rows_wanted and any(s.startswith(key) for s in args.set):
+            ap.error(f"--rows {row} times its setting against ours without it: leave {key[:-1]} out of --set")
+    if args.particles != 1 and {r for r in rows_wanted if not r.startswith("peft")} != set(rows_wanted):
         ap.error("peft prompt tuning has one prompt: use --particles 1, or --rows ours")
 
     import torch
@@ -210,6 +222,30 @@ def main(argv=None) -> int:
                 stage.sampler = plain
 
         rows.append(Row("ours-grouped", ours_grouped))
+    if "ours-fused" in rows_wanted:
+        optimizer = stage.engine.base_optimizer
+
+        def ours_fused(step: int):
+            set_fused_adamw(optimizer, True)  # what train.fused_adamw=true gives a run
+            try:
+                return ours(step)
+            finally:
+                set_fused_adamw(optimizer, False)
+
+        rows.append(Row("ours-fused", ours_fused))
+    if "ours-compiled" in rows_wanted:
+        module = stage.engine.ds.module
+        stage.engine.ds.compile(backend=args.compile_backend)  # what model.compile=<backend> gives a run
+        compiled, module._compiled_call_impl = module._compiled_call_impl, None
+
+        def ours_compiled(step: int):
+            module._compiled_call_impl = compiled
+            try:
+                return ours(step)
+            finally:
+                module._compiled_call_impl = None
+
+        rows.append(Row("ours-compiled", ours_compiled))
 
     if set(rows_wanted) & {"peft-padded", "peft-our-batches"}:
         peft_engine = build_peft(stage, cfg, args)
@@ -317,6 +353,17 @@ def main(argv=None) -> int:
             print(f"wrote {args.json}", flush=True)
     eng.barrier()
     return 0
+
+
+def set_fused_adamw(optimizer, fused: bool) -> None:
+    """Switches torch's AdamW between its fused kernel and its default implementation. The
+    fused kernel keeps its step counters on the parameters' device, the default on the CPU."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, False) if fused else (None, None)
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and "step" in state:
+                state["step"] = state["step"].to(param.device if fused else "cpu")
 
 
 def pad_to(mb: dict, seq: int, target_len: int, pad_id: int) -> dict:

@@ -35,6 +35,10 @@ class ModelConfig:
     # Attention kernel: sdpa (torch's scaled_dot_product_attention, transformers' default for
     # T5) or eager (the reference implementation, which keeps every score matrix).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # torch.compile of the prompted model's forward and backward (DeepSpeed's engine.compile):
+    # none; inductor (generated, fused kernels); aot_eager or eager (graph capture without code
+    # generation: for checking that a model compiles). Measured effect: bench/RESULTS.md.
+    compile: Literal["none", "inductor", "aot_eager", "eager"] = "none"
 
 
 @dataclass
@@ -128,6 +132,9 @@ class TrainConfig:
     # null: the largest divisor of global / world size that is at most 16.
     micro_batch_size: Optional[int] = None
     lr: float = 0.3
+    # torch's fused AdamW (one kernel per step for all of a group's tensors, on CPU and CUDA)
+    # instead of its per-tensor loop: the same update up to float rounding.
+    fused_adamw: bool = False
     # Learning rate of the low-rank factors; default: train.lr.
     factor_lr: Optional[float] = None
     weight_decay: float = 0.0

@@ -670,7 +670,8 @@ class Engine:
         if bank.rank > 0:
             groups.append({"params": [bank.factor_u, bank.factor_v],
                            "lr": t.factor_lr if t.factor_lr is not None else t.lr, "name": "factors"})
-        self.base_optimizer = optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        self.base_optimizer = optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
+                                                         fused=True if t.fused_adamw else None)
         factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
@@ -683,6 +684,18 @@ class Engine:
             print(f"[bpt_ds] warning: the DeepSpeed config selects checkpoint engine "
                   f"{type(self.ds.checkpoint_engine).__name__}; checkpoints are then loaded by it, not with "
                   "torch.load(weights_only=True)", file=sys.stderr, flush=True)
+        if cfg.model.compile != "none":
+            # torch.compile of the whole prompted model; the first steps (and new input shapes
+            # until dynamo marks them dynamic) pay for the compilation.
+            if rank() == 0:
+                print(f"[bpt_ds] model.compile={cfg.model.compile}: the prompted model runs under torch.compile",
+                      flush=True)
+                if self.ds.zero_optimization_stage() == 3 and not self.ds.is_deepcompile_enabled():
+                    print("[bpt_ds] warning: under ZeRO-3 the compiled graph breaks at every module (DeepSpeed "
+                          "gathers each module's weights outside it); compile pays with a replicated backbone "
+                          "(ds_configs/replicated_bf16.json, when python -m bpt_ds.plan says it fits)",
+                          file=sys.stderr, flush=True)
+            self.ds.compile(backend=cfg.model.compile)
         self.device = self.ds.device
         self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
         # Of the latest step: why it was skipped ("loss", "gradient", "direction") or None, and

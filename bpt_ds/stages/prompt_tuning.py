@@ -50,7 +50,9 @@ RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "
                "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method",
                # How the job is guarded, not what it computes.
                "deepspeed.memory_check", "deepspeed.device_memory_gb", "deepspeed.memory_reserve_gb",
-               "deepspeed.timeout_minutes", "train.max_bad_steps", "train.save_retry_minutes"}
+               "deepspeed.timeout_minutes", "train.max_bad_steps", "train.save_retry_minutes",
+               # How a step runs, not what it computes (up to float rounding).
+               "model.compile", "train.fused_adamw"}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
