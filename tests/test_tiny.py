@@ -115,7 +115,8 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
     def slow_fake_build(directory, recipe, progress):
         builds.append(directory)
         time.sleep(0.3)
-        (directory / BUILD_INFO).write_text("{}")
+        for name in ("config.json", "model.safetensors", BUILD_INFO):
+            (directory / name).write_text("{}")
 
     monkeypatch.setattr(tiny, "_build_into", slow_fake_build)
     results = []
