@@ -175,6 +175,11 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(_existing(path)).free
 
 
+def warn(message: str) -> None:
+    """A warning line on stderr (callers decide which ranks say it)."""
+    print(f"[bpt_ds] warning: {message}", file=sys.stderr, flush=True)
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -383,7 +388,7 @@ def pick_checkpoint(root: Path) -> Optional[str]:
         try:
             tag, notes = choose_checkpoint(root)
             for note in notes:
-                print(f"[bpt_ds] warning: {note}", file=sys.stderr, flush=True)
+                warn(note)
             choice = [("ok", tag)]
             if tag is not None and (root / tag / MANIFEST).is_file():
                 written_by = json.loads((root / tag / MANIFEST).read_text()).get("world_size", world_size())
@@ -681,9 +686,8 @@ class Engine:
         if type(self.ds.checkpoint_engine) is TorchCheckpointEngine:  # DeepSpeed's default engine
             self.ds.checkpoint_engine = _weights_only_engine(self.ds._config)
         elif rank() == 0:
-            print(f"[bpt_ds] warning: the DeepSpeed config selects checkpoint engine "
-                  f"{type(self.ds.checkpoint_engine).__name__}; checkpoints are then loaded by it, not with "
-                  "torch.load(weights_only=True)", file=sys.stderr, flush=True)
+            warn(f"the DeepSpeed config selects checkpoint engine {type(self.ds.checkpoint_engine).__name__}; "
+                 "checkpoints are then loaded by it, not with torch.load(weights_only=True)")
         if cfg.model.compile != "none":
             # torch.compile of the whole prompted model; the first steps (and new input shapes
             # until dynamo marks them dynamic) pay for the compilation.
@@ -691,10 +695,9 @@ class Engine:
                 print(f"[bpt_ds] model.compile={cfg.model.compile}: the prompted model runs under torch.compile",
                       flush=True)
                 if self.ds.zero_optimization_stage() == 3 and not self.ds.is_deepcompile_enabled():
-                    print("[bpt_ds] warning: under ZeRO-3 the compiled graph breaks at every module (DeepSpeed "
-                          "gathers each module's weights outside it); compile pays with a replicated backbone "
-                          "(ds_configs/replicated_bf16.json, when python -m bpt_ds.plan says it fits)",
-                          file=sys.stderr, flush=True)
+                    warn("under ZeRO-3 the compiled graph breaks at every module (DeepSpeed gathers each "
+                         "module's weights outside it); compile pays with a replicated backbone "
+                         "(ds_configs/replicated_bf16.json, when python -m bpt_ds.plan says it fits)")
             self.ds.compile(backend=cfg.model.compile)
         self.device = self.ds.device
         self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
@@ -905,10 +908,10 @@ class Engine:
             dist.all_reduce(free, op=dist.ReduceOp.MIN)
         if free.item() < need:
             if rank() == 0:
-                print(f"[bpt_ds] warning: checkpoint of step {step} not written: {mib(free.item())} free on the file "
-                      f"system of {root} (the fullest a rank writes to), it needs about {mib(need)}. The previous "
-                      "checkpoint is kept and training goes on with its state in memory; the next save tries "
-                      "again. Free some space.", file=sys.stderr, flush=True)
+                warn(f"checkpoint of step {step} not written: {mib(free.item())} free on the file system of "
+                     f"{root} (the fullest a rank writes to), it needs about {mib(need)}. The previous checkpoint "
+                     "is kept and training goes on with its state in memory; the next save tries again. Free "
+                     "some space.")
             return None
         tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
         if rank() == 0 and root.is_dir():
