@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 from dataclasses import dataclass
@@ -90,22 +92,43 @@ def random_backbone_dir(spec: str, progress: bool = True) -> Path:
     return final
 
 
+RANDOM_CHUNK = 1 << 20  # values per seeded draw of a random backbone's weights
+
+
 @torch.no_grad()
-def init_random_weights(model: T5ForConditionalGeneration, ds_config: dict, seed: int = 0) -> None:
-    """Deterministic random weights (normal, std d_model^-0.5; norms 1), so every rank and
-    every world size gets the same backbone: under ZeRO-3 rank 0 writes each gathered
-    parameter and DeepSpeed re-partitions it; otherwise every rank draws the same values."""
+def init_random_weights(model: T5ForConditionalGeneration, ds_config: Optional[dict] = None, seed: int = 0) -> None:
+    """Deterministic random weights (normal, std d_model^-0.5; norms 1), the same for every
+    rank, world size and ZeRO stage, drawn where they are stored: under ZeRO-3 each rank
+    fills only its own partition (`ds_tensor`), nothing is gathered. Element k of a
+    parameter's flattened values comes from chunk k // RANDOM_CHUNK, drawn from a generator
+    seeded by (seed, parameter name, chunk), so a rank draws only the chunks its partition
+    overlaps. `ds_config` is not needed (partitioned parameters are recognised by their
+    `ds_tensor`); it is accepted for the callers that pass it."""
+    import hashlib
+
     import torch.distributed as dist
 
-    gen = torch.Generator().manual_seed(seed)
     std = model.config.d_model ** -0.5
-    first = not is_zero3(ds_config) or not dist.is_initialized() or dist.get_rank() == 0
     for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=is_zero3(ds_config)):
-            if first:
-                values = (torch.ones(p.shape) if "layer_norm" in name else
-                          torch.randn(p.shape, generator=gen) * std)
-                p.data.copy_(values.to(p.dtype))
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: rank r holds flat elements [r * n, (r + 1) * n), zero-padded
+            local = p.ds_tensor.data.view(-1)
+            group = getattr(p, "ds_process_group", None)
+            start = local.numel() * (dist.get_rank(group=group) if dist.is_initialized() else 0)
+            numel = p.ds_numel
+        else:
+            local, start, numel = p.data.view(-1), 0, p.numel()
+        mine = max(0, min(local.numel(), numel - start))  # this rank's real (unpadded) values
+        local[mine:].zero_()
+        if "layer_norm" in name:
+            local[:mine].fill_(1)
+            continue
+        key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little")
+        gen = torch.Generator()
+        for chunk in range(start // RANDOM_CHUNK, (start + mine - 1) // RANDOM_CHUNK + 1 if mine else 0):
+            lo = chunk * RANDOM_CHUNK
+            values = torch.randn(min(RANDOM_CHUNK, numel - lo), generator=gen.manual_seed(key + chunk))
+            a, b = max(lo, start), min(lo + values.numel(), start + mine)
+            local[a - start:b - start].copy_(values[a - lo:b - lo].mul_(std))
 
 
 def is_zero3(ds_config: dict) -> bool:
@@ -115,21 +138,33 @@ def is_zero3(ds_config: dict) -> bool:
 def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
                   progress: bool = True, attn_implementation: str = "sdpa") -> Backbone:
     path = resolve_model_path(name_or_path, progress)
-    handle = HfDeepSpeedConfig(ds_config) if is_zero3(ds_config) else None
+    zero3 = is_zero3(ds_config)
     if progress:
         print(f"[bpt_ds] loading backbone {path} ({dtype}"
-              f"{', partitioned by ZeRO-3 as it loads' if handle else ''})", flush=True)
+              f"{', partitioned by ZeRO-3 as it loads' if zero3 else ''})", flush=True)
     if (Path(path) / RANDOM_MARKER).is_file():
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
+        from transformers.initialization import no_init_weights
 
-        # from_config creates the weights under zero.Init when ZeRO-3 is on (the handle above).
-        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(path), dtype=DTYPES[dtype],
-                                                  attn_implementation=attn_implementation)
+        # Our own zero.Init, entered before the HfDeepSpeedConfig exists: with it, transformers
+        # would gather every module after construction to run its initializers on rank 0 (and
+        # init_random_weights would overwrite them). no_init_weights leaves the new tensors
+        # untouched (torch's initializers too); init_random_weights fills the partitions.
+        init = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext()
+        with init, no_init_weights():
+            model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(path), dtype=DTYPES[dtype],
+                                                      attn_implementation=attn_implementation)
+        model.tie_weights()  # init_weights, skipped above, also ties the stacks' embeddings to `shared`
+        handle = HfDeepSpeedConfig(ds_config) if zero3 else None
         if not getattr(model.config, "scale_decoder_outputs", True):  # v1.1 / flan sizes: lm_head of its own
             untie_lm_head(model, ds_config)
-        init_random_weights(model, ds_config)
+        # The parameters that tying replaced (the stacks' embeddings, the tied lm_head) hold
+        # partitions in reference cycles (DeepSpeed binds methods to each parameter): free them now.
+        gc.collect()
+        init_random_weights(model)
         model.requires_grad_(False)
         return Backbone(model, path, handle, False)
+    handle = HfDeepSpeedConfig(ds_config) if zero3 else None
     try:
         model = T5ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
                                                            attn_implementation=attn_implementation)
@@ -211,7 +246,8 @@ def untie_lm_head(model: T5ForConditionalGeneration, ds_config: dict) -> torch.n
     if head.weight is model.get_input_embeddings().weight:
         # No dtype argument: zero.Init (0.19.8) ignores it on accelerators without fp16 and
         # takes bf16/fp32 from the config instead, which is what the backbone was loaded in.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=is_zero3(ds_config)):
+        # zero.Init(enabled=False) would still parse the config and start torch.distributed.
+        with (deepspeed.zero.Init(config_dict_or_path=ds_config) if is_zero3(ds_config) else contextlib.nullcontext()):
             head = torch.nn.Linear(head.in_features, head.out_features, bias=False,
                                    dtype=head.weight.dtype)
         model.lm_head = head

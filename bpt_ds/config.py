@@ -171,6 +171,9 @@ class DeepSpeedSection:
     memory_check: bool = True
     # Memory of one device in GiB; null: the accelerator's own (no check on CPU).
     device_memory_gb: Optional[float] = None
+    # Host memory of one node in GiB, checked against loading, offload and (on CPU) every local
+    # rank's share; null: this machine's total memory.
+    host_memory_gb: Optional[float] = None
     # GiB per device the estimate keeps aside for the CUDA context, NCCL and allocator slack.
     memory_reserve_gb: float = 2.0
     # Minutes a collective may wait for the other ranks before the job ends with an error
@@ -188,11 +191,11 @@ class SVGDConfig:
     # The repulsive term (2/h) Σ_j k_ij (θ_i - θ_j) that spreads the particles; false leaves
     # kernel-weighted gradient descent (particles started equal then stay equal).
     repulsive: bool = True
-    # log p(D_k | θ) ≈ -scale · L(θ; B), L the mean over examples of each target's mean
-    # per-token cross-entropy: null uses the number of training examples over all source tasks
-    # (the data's posterior, up to the mean target length, since L averages over tokens); a
-    # number replaces it (a temperature: smaller lets the repulsive term spread the particles
-    # more). Logged with the step's force norms.
+    # log p(D | θ) ≈ -scale · L(θ; B), L the mean over the particle's examples of each
+    # example's summed token NLL, -log p(y | x; θ): null uses the number of training examples
+    # over all source tasks (the data's log-likelihood, Σ_n log p(y_n | x_n; θ)); a number
+    # replaces it (a temperature: smaller lets the repulsive term spread the particles more).
+    # Logged with the step's force norms.
     likelihood_scale: Optional[float] = None
     # σ₀ of the prior N(0, σ₀² I) on the base prompt; null: no prior term.
     prior_std: Optional[float] = None
@@ -226,10 +229,13 @@ class PriorConfig:
 class DistillConfig:
     """Stage mpt-distill (algorithms.md §3): the student S ∘ (U_k V_k) learns from teacher k.
 
-    loss = L_PLM + weight · (L_logits + L_hidden), per example of task k:
-    L_logits: KL(softmax(z_teacher / τ) || softmax(z_student / τ)) over the vocabulary, averaged
-    over target positions; L_hidden: mean squared error of the chosen hidden states. MPT's own
-    λ and τ were not verified here; tune them on your tasks."""
+    loss = L_PLM + weight · (L_logits + L_hidden) at each target position of task k's examples,
+    averaged over the global batch's target tokens (the per-token convention of every stage but
+    bmtpt-source): L_PLM the token cross-entropy; L_logits KL(softmax(z_teacher / τ) ||
+    softmax(z_student / τ)) over the vocabulary; L_hidden the squared error of the chosen hidden
+    states averaged over features (encoder_last: the example's mean over encoder positions). The
+    teacher pass runs without dropout. MPT's own λ and τ were not verified here; tune them on
+    your tasks."""
 
     # The mpt-teachers run (its prompts.safetensors, or the run directory): teacher.<task> per task.
     teachers: Optional[str] = None
@@ -602,7 +608,8 @@ def validate(cfg: RunConfig) -> None:
     sv, pr, ds = cfg.svgd, cfg.prior, cfg.deepspeed
     for key, value in [("svgd.bandwidth", sv.bandwidth), ("svgd.likelihood_scale", sv.likelihood_scale),
                        ("svgd.prior_std", sv.prior_std), ("prior.bandwidth", pr.bandwidth),
-                       ("deepspeed.device_memory_gb", ds.device_memory_gb)]:
+                       ("deepspeed.device_memory_gb", ds.device_memory_gb),
+                       ("deepspeed.host_memory_gb", ds.host_memory_gb)]:
         if value is not None:
             _require(math.isfinite(value) and value > 0,
                      f"config key '{key}' must be a finite number > 0 (or null); got {value}")

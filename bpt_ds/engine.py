@@ -127,7 +127,12 @@ def on_gpu() -> bool:
 
 
 class Preempted(RuntimeError):
-    """A rank got SIGTERM: every rank saved a checkpoint at the next step boundary and stopped."""
+    """A rank got SIGTERM or SIGINT: every rank saved a checkpoint at the next step boundary and
+    stopped. `signum` is the signal (launch/train.py exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.signum = signum
 
 
 class TrainingHalted(RuntimeError):
@@ -142,25 +147,36 @@ class CheckpointError(ConfigError):
     """No intact checkpoint to resume from, or a checkpoint file that is not plain tensors."""
 
 
+# The first stop signal this rank got (SIGTERM or SIGINT), or None.
 _STOP_SIGNAL: Optional[int] = None
 
 
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
 def install_stop_handler() -> None:
-    """SIGTERM (SLURM preemption or time limit, scancel, a launcher stopping its ranks) no longer
-    kills a rank mid-step: it is noted, and at the next step boundary the ranks agree (one
-    all-reduce, Engine.train_step) to save a checkpoint and stop (Preempted)."""
+    """SIGTERM (SLURM preemption or time limit, scancel, a launcher stopping its ranks) and SIGINT
+    (Ctrl-C) no longer kill a rank mid-step: the first is noted, and at the next step boundary the
+    ranks agree (one all-reduce, Engine.train_step) to save a checkpoint and stop (Preempted).
+    After a SIGINT, SIGINT gets its default action back: a second Ctrl-C kills at once (even a
+    rank blocked in a collective or a long kernel), without saving."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def note(signum, frame):
         global _STOP_SIGNAL
         if _STOP_SIGNAL is None:
+            _STOP_SIGNAL = signum
+            again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
             # os.write: print() may be interrupted mid-line by this very handler.
-            os.write(2, f"[bpt_ds] rank {rank()}: {signal.Signals(signum).name} received; a checkpoint will be "
-                        "saved at the next step boundary, then the run stops\n".encode())
-        _STOP_SIGNAL = signum
+            os.write(2, f"[bpt_ds] rank {rank()}: {signal_name(signum)} received; a checkpoint will be "
+                        f"saved at the next step boundary, then the run stops{again}\n".encode())
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGINT, note)
 
 
 def _existing(path: Path) -> Path:
@@ -379,10 +395,12 @@ def choose_checkpoint(root: Path) -> tuple[Optional[str], list[str]]:
     return None, []
 
 
-def pick_checkpoint(root: Path) -> Optional[str]:
+def pick_checkpoint(root: Path, check: Optional[Callable[[Optional[dict]], None]] = None) -> Optional[str]:
     """The checkpoint a resumed run loads (collective): rank 0 runs choose_checkpoint and prints its
     warnings, every rank gets its answer. Raises CheckpointError on every rank when no checkpoint is
-    intact or the newest was written by another number of ranks. Cheap: runs before the backbone loads."""
+    intact, the newest was written by another number of ranks, or `check` (given the config
+    fingerprint in its manifest, None when the manifest has none) raises a ConfigError: the run
+    cannot continue it. Cheap: runs before the backbone loads."""
     choice: list = [None]
     if rank() == 0:
         try:
@@ -391,13 +409,16 @@ def pick_checkpoint(root: Path) -> Optional[str]:
                 warn(note)
             choice = [("ok", tag)]
             if tag is not None and (root / tag / MANIFEST).is_file():
-                written_by = json.loads((root / tag / MANIFEST).read_text()).get("world_size", world_size())
+                manifest = json.loads((root / tag / MANIFEST).read_text())
+                written_by = manifest.get("world_size", world_size())
                 if written_by != world_size():
                     choice = [("error", f"checkpoint {root / tag} was written by {written_by} rank(s) and this run "
                                         f"has {world_size()}: ZeRO keeps optimizer state per rank. Launch "
                                         f"{written_by} rank(s) to resume, or start over with train.resume=never")]
+                elif check is not None:
+                    check(manifest.get("config"))
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it, or they hang
-            choice = [("error", str(e) if isinstance(e, CheckpointError) else
+            choice = [("error", str(e) if isinstance(e, ConfigError) else
                        f"could not check the checkpoints in {root}: {type(e).__name__}: {e}")]
     if world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
@@ -425,7 +446,8 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
     """DeepSpeed's own JSON, with batch sizes, clipping and precision filled from the run config.
 
     Those keys may say "auto" (or be absent) in the JSON; a concrete value that disagrees
-    with the run config is an error rather than a silent override.
+    with the run config is an error rather than a silent override. data_types.grad_accum_dtype
+    ("auto" or absent) becomes fp32, also under bf16; any other value is refused.
     """
     path = find_ds_config(cfg.deepspeed.config)
     try:
@@ -460,6 +482,18 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
             raise ConfigError(f"{path}: bf16.enabled is {in_json} but model.dtype is "
                               f"{cfg.model.dtype}; set bf16.enabled to \"auto\" or change model.dtype")
     bf16["enabled"] = want
+    # Gradients accumulate over micro-batches (and reach the gradient hook and the fp32 master
+    # weights) in fp32; DeepSpeed's default is the model dtype, i.e. bf16 sums under bf16.
+    data_types = ds.setdefault("data_types", {})
+    if not isinstance(data_types, dict):
+        raise ConfigError(f"{path}: data_types must be an object, e.g. {{\"grad_accum_dtype\": \"auto\"}}; "
+                          f"got {data_types!r}")
+    accum = data_types.get("grad_accum_dtype", "auto")
+    if accum not in ("auto", "fp32", "float32", "float", "torch.float32"):
+        raise ConfigError(f"{path}: data_types.grad_accum_dtype is {accum!r}; bpt_ds accumulates gradients in "
+                          "fp32 (the gradient hook (SVGD, the prior, per-teacher clipping) and the fp32 master "
+                          "weights need them unrounded): set it to \"auto\" (or \"fp32\") in the JSON")
+    data_types["grad_accum_dtype"] = "fp32"
     # The optimizer is ours (torch AdamW with per-part learning rates), which ZeRO accepts
     # only when told so.
     ds["zero_allow_untested_optimizer"] = True
@@ -491,19 +525,25 @@ def model_dtype(cfg: RunConfig) -> str:
 
 def check_memory(cfg: RunConfig, ds_config: dict, model_path: str, placement: str):
     """The planner's estimate for this run on this hardware (bpt_ds.plan.check_run): raises
-    ConfigError when it cannot fit; None when there is nothing to check (CPU)."""
-    from .plan import check_run
+    ConfigError when it cannot fit; None with deepspeed.memory_check=false. Host memory is always
+    checked: deepspeed.host_memory_gb, else this machine's total. Without a GPU (and without
+    deepspeed.device_memory_gb) there is no device: every local rank's states and activations
+    are in host memory, and check_run adds them to what loading takes."""
+    from .plan import THIS_MACHINE, check_run, machine_memory
 
-    device_memory = host_memory = None
-    if cfg.deepspeed.device_memory_gb is not None:
-        device_memory = int(cfg.deepspeed.device_memory_gb * 2**30)
+    ds = cfg.deepspeed
+    device_memory = None
+    if ds.device_memory_gb is not None:
+        device_memory = int(ds.device_memory_gb * 2**30)
     elif on_gpu():
-        import psutil
-
         device_memory = get_accelerator().total_memory()
-        host_memory = psutil.virtual_memory().total
+    if ds.host_memory_gb is not None:
+        host_memory, source = int(ds.host_memory_gb * 2**30), "deepspeed.host_memory_gb"
+    else:
+        host_memory, source = machine_memory(), THIS_MACHINE
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size())
-    return check_run(cfg, ds_config, model_path, placement, world_size(), local, device_memory, host_memory)
+    return check_run(cfg, ds_config, model_path, placement, world_size(), local, device_memory, host_memory,
+                     source)
 
 
 def ds_dtype(ds_config: dict) -> str:
@@ -549,13 +589,16 @@ GradHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class StepStats:
-    """Loss sums and row counts of one rank, per particle and per task, and per task for each
-    extra loss term a model reports (mpt-distill's plm / logits_kl / hidden_mse), for logging."""
+    """Loss sums and their units of one rank, per particle and per task, and per task for each
+    extra loss term a model reports (mpt-distill's plm / logits_kl / hidden_mse), for logging.
+    A row's loss is summed over its target tokens; its units are its target tokens (per-token
+    convention) or 1 (per-example: bmtpt-source), so a reduced mean is the loss the stage
+    minimizes: mean token cross-entropy, or mean summed negative log-likelihood per example."""
 
     particle_sum: torch.Tensor
-    particle_rows: torch.Tensor
+    particle_units: torch.Tensor
     task_sum: torch.Tensor
-    task_rows: torch.Tensor
+    task_units: torch.Tensor
     terms: tuple = ()
     term_sum: Optional[torch.Tensor] = None   # [len(terms), tasks]
 
@@ -564,24 +607,24 @@ class StepStats:
         z = lambda *n: torch.zeros(*n, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(particles), z(particles), z(tasks), z(tasks), tuple(terms), z(len(terms), tasks))
 
-    def add(self, rows: torch.Tensor, particles: torch.Tensor, tasks: torch.Tensor,
+    def add(self, rows: torch.Tensor, units: torch.Tensor, particles: torch.Tensor, tasks: torch.Tensor,
             extra: Optional[dict] = None) -> None:
-        rows = rows.double()
+        rows, units = rows.double(), units.double()
         self.particle_sum.index_add_(0, particles, rows)
-        self.particle_rows.index_add_(0, particles, torch.ones_like(rows))
+        self.particle_units.index_add_(0, particles, units)
         self.task_sum.index_add_(0, tasks, rows)
-        self.task_rows.index_add_(0, tasks, torch.ones_like(rows))
+        self.task_units.index_add_(0, tasks, units)
         for i, name in enumerate(self.terms):
             self.term_sum[i].index_add_(0, tasks, extra[name].double())
 
     def merge(self, other: "StepStats") -> None:
-        for f in ("particle_sum", "particle_rows", "task_sum", "task_rows", "term_sum"):
+        for f in ("particle_sum", "particle_units", "task_sum", "task_units", "term_sum"):
             getattr(self, f).add_(getattr(other, f))
 
     def reduced(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]:
         """(mean loss per particle, mean loss per task, {term: (mean, mean per task)}) over all
-        ranks (collective); NaN where no rows."""
-        packed = torch.cat([self.particle_sum, self.particle_rows, self.task_sum, self.task_rows,
+        ranks (collective), per unit; NaN where no rows."""
+        packed = torch.cat([self.particle_sum, self.particle_units, self.task_sum, self.task_units,
                             self.term_sum.flatten()])
         if world_size() > 1:
             dist.all_reduce(packed)
@@ -648,9 +691,28 @@ class Placement:
         return list(range(self.particles)) if rows is None else sorted(set(rows.tolist()))
 
     def row_weight(self, accumulation: int) -> float:
-        """Weight of one row's loss so that, after DeepSpeed divides by the accumulation steps
-        and averages over R ranks, each particle's gradient is that of its mean loss."""
-        return self.world * accumulation / self.examples_per_particle()
+        """R · accumulation: what undoes DeepSpeed's division by the accumulation steps and its
+        average over R ranks. train_step divides it by each row's `loss_denominator` (row_weights)."""
+        return float(self.world * accumulation)
+
+    def particle_denominators(self, units: torch.Tensor) -> torch.Tensor:
+        """For each example of the global batch ([B] units: its target tokens, or 1), the units of
+        its particle's share of the global batch: the whole batch ("every"), or its block
+        ("split"). Every rank computes the same global batch, so the same counts."""
+        if self.mode == "every":
+            return units.sum().expand(units.shape[0]).clone()
+        e = self.examples_per_particle()
+        return units.view(self.particles, e).sum(1).repeat_interleave(e)
+
+
+def row_weights(mb: dict, row_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pops the micro-batch's `loss_units` and `loss_denominator` (PromptTuning.batches_at) and
+    returns (weight of each example's summed loss, its units): row_weight / denominator. With
+    Placement.row_weight, each particle's gradient after DeepSpeed's reduction is that of its
+    summed loss over its share of the global batch divided by that share's units (target tokens,
+    or examples), on any number of ranks and micro-batches."""
+    units, denominator = mb.pop("loss_units"), mb.pop("loss_denominator")
+    return row_weight / denominator.double(), units
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -665,6 +727,34 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def _set_full_grad(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Replaces the (reduced) gradient of param by value, the full unpadded tensor that every rank
+    computed alike, kept in the accumulation dtype (fp32: no rounding of value).
+
+    Under ZeRO-3 each rank writes its own partition through DeepSpeed's local API. ZeRO-3 pads a
+    parameter's partitions to ceil(numel / ranks) values, and DeepSpeed 0.19.8's full-tensor
+    setter (safe_set_full_grad -> set_fp32_grad_for_param) cuts the unpadded value at rank x
+    partition size: whenever numel does not divide by the ranks, the last rank's cut runs past
+    the end ("start (684) + length (342) exceeds dimension size (1024)" for 1,024 values on 3
+    ranks). Here the cut stops at numel and the padding is written as zeros, as DeepSpeed's
+    reduce-scatter leaves it."""
+    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+    if not hasattr(param, "ds_id"):
+        safe_set_full_grad(param, value)  # ZeRO-1/2 or none: DeepSpeed cuts by fragment address
+        return
+    flat = value.reshape(-1)
+    if flat.numel() != param.ds_numel:
+        raise RuntimeError(f"gradient hook returned {flat.numel()} values for a parameter of {param.ds_numel}")
+    part = param.ds_tensor.numel()
+    group = getattr(param, "ds_process_group", None)
+    start = min(flat.numel(), dist.get_rank(group=group) * part if dist.is_initialized() else 0)
+    mine = flat[start:start + part]
+    if mine.numel() < part:
+        mine = torch.cat([mine, mine.new_zeros(part - mine.numel())])
+    safe_set_local_grad(param, mine)
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, model: PromptedT5, ds_config: dict):
         self.cfg = cfg
@@ -677,7 +767,8 @@ class Engine:
                            "lr": t.factor_lr if t.factor_lr is not None else t.lr, "name": "factors"})
         self.base_optimizer = optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
                                                          fused=True if t.fused_adamw else None)
-        factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
+        # Over this run's train.steps; a resume with more (or fewer) steps rebuilds it (follow_schedule).
+        self.lr_factor = factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
@@ -702,9 +793,11 @@ class Engine:
         self.device = self.ds.device
         self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
         # Of the latest step: why it was skipped ("loss", "gradient", "direction") or None, and
-        # whether a rank asked the run to stop (SIGTERM).
+        # whether a rank asked the run to stop (SIGTERM or SIGINT), and which signal: SIGTERM when
+        # any rank got one, else SIGINT.
         self.skipped: Optional[str] = None
         self.stop_requested = False
+        self.stop_signal: Optional[int] = None
         self.last_checkpoint_bytes: Optional[int] = None
 
     def _to_device(self, batch: dict) -> dict:
@@ -714,10 +807,11 @@ class Engine:
                    grad_hook: Optional[GradHook] = None) -> "StepStats":
         """One optimizer step over this rank's micro-batches.
 
-        row_weight multiplies each row's loss before backward. DeepSpeed divides by the
-        accumulation steps and averages over ranks; Placement.row_weight undoes exactly
-        that, so the particles' gradient is, row by row, the gradient of each particle's
-        mean loss over its examples of the step.
+        Each row's loss (summed over its target tokens) is multiplied by row_weight divided by
+        its micro-batch's `loss_denominator` before backward (row_weights). DeepSpeed divides
+        by the accumulation steps and averages over ranks; Placement.row_weight undoes exactly
+        that, so the particles' gradient is, row by row, the gradient of each particle's loss
+        per unit (target token or example) over its share of the step's global batch.
 
         grad_hook(theta, grad) -> grad runs once per optimizer step, after the last
         backward (gradients reduced over ranks) and before the optimizer: it sees the
@@ -730,12 +824,15 @@ class Engine:
         bad_loss = torch.zeros((), device=self.device)
         for mb in micro_batches:
             mb = self._to_device(mb)
+            weights, units = row_weights(mb, row_weight)
             rows, particles, *extra = self.ds(**mb)
             extra = extra[0] if extra else {}
             if stats is None:
                 stats = StepStats.zeros(bank.num_particles, len(bank.tasks) or 1, self.device, tuple(extra))
             bad_loss = torch.maximum(bad_loss, (~torch.isfinite(rows.detach())).any().float())
-            self.ds.backward((rows * row_weight).sum())
+            reps = rows.shape[0] // weights.shape[0]  # placement "every": M rows per example
+            weights, units = weights.repeat(reps), units.repeat(reps)
+            self.ds.backward((rows * weights.to(rows.dtype)).sum())
             boundary = self.ds.is_gradient_accumulation_boundary()
             if boundary:
                 self.skipped = self._check_step(bad_loss, grad_hook)
@@ -753,7 +850,7 @@ class Engine:
                 self.skipped = self.skipped or "gradient"
                 if self.scheduler is not None:
                     self.scheduler.step()
-            stats.add(rows.detach(), particles, mb["task_ids"].repeat(rows.shape[0] // mb["task_ids"].shape[0]), extra)
+            stats.add(rows.detach(), units, particles, mb["task_ids"].repeat(reps), extra)
         return stats
 
     def _check_step(self, bad_loss: torch.Tensor, grad_hook: Optional["GradHook"]) -> Optional[str]:
@@ -763,11 +860,12 @@ class Engine:
         the step must be skipped, or None."""
         flags = torch.stack([bad_loss.float(),
                              torch.tensor(0.0 if self._local_grads_finite() else 1.0, device=self.device),
-                             torch.tensor(1.0 if _STOP_SIGNAL is not None else 0.0, device=self.device)])
+                             torch.tensor(float(_STOP_SIGNAL or 0), device=self.device)])
         if world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_loss_any, bad_grad_any, stop_any = flags.tolist()
-        self.stop_requested = self.stop_requested or stop_any > 0
+        if stop_any > 0 and not self.stop_requested:
+            self.stop_requested, self.stop_signal = True, int(stop_any)
         if bad_loss_any > 0:
             return "loss"
         if bad_grad_any > 0:
@@ -795,9 +893,10 @@ class Engine:
 
     def _apply_grad_hook(self, hook: "GradHook") -> bool:
         # DeepSpeed documents these for "modifying partitioned states": after backward, before
-        # step. Under ZeRO-3 the getters all-gather the fp32 partitions and the setter writes
-        # back this rank's partition; every rank computes the same full tensor.
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_grad
+        # step. Under ZeRO-3 the getters all-gather the fp32 partitions (gradients: in the
+        # accumulation dtype, fp32 by resolve_ds_config); every rank computes the same full
+        # tensor and writes back its own partition (_set_full_grad).
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
         param = self.model.bank.particles
         theta = safe_get_full_fp32_param(param)
@@ -814,7 +913,7 @@ class Engine:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
             return False
-        safe_set_full_grad(param, new.to(grad.dtype).view(grad.shape))
+        _set_full_grad(param, new.to(torch.float32).reshape(grad.shape))
         return True
 
     def grad_norm(self) -> Optional[float]:
@@ -824,15 +923,31 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def follow_schedule(self) -> tuple[float, float]:
+        """After load_checkpoint: sets every group's LR to this run's schedule at the restored step.
+        The optimizer state brings back the LR the checkpoint's schedule had for the next step; when
+        train.steps changed, that is not this run's (e.g. 0 after a finished linear decay), and the
+        scheduler would only correct it after that step. Returns the particles' LR (before, after);
+        equal when the schedule is unchanged (the same expression as LambdaLR's, so bit for bit)."""
+        sched = self.scheduler
+        before = self.lr()
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * self.lr_factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+        return before, self.lr()
+
     @torch.no_grad()
     def predict(self, tasks: list[EncodedTask], batch_size: int, pad_id: int, ensemble: bool = False,
                 generate: bool = False, max_new_tokens: int = 32) -> dict[str, list]:
         """Predictions of every example of every task, in example order, the same on every rank.
 
+        ensemble (M > 1 particles): what is scored is the particles' posterior predictive
+        (1/M) Σ_m p_m(y | x), maximized over a candidate set; otherwise the bank's aggregate
+        prompt (the prompt itself for M = 1; each task's teacher under task_particles).
         Rank classification (classification and regression tasks unless `generate`): the index of
-        the best-scoring verbalized label (ensemble: the particles' posterior predictive instead
-        of the particle-mean prompt). Generation (QA tasks, and all with `generate`): the greedy
-        output's token ids under the particle-mean prompt.
+        the best-scoring verbalized label. Generation (QA tasks, and all with `generate`): the
+        greedy output's token ids; with ensemble, the particles' greedy outputs are the
+        candidates, each scored under every particle (PromptedT5.generate).
 
         Examples are sharded over ranks (rank r takes r, r + R, ...) and gathered once, so each
         one is predicted exactly once. Every rank runs the same number of forward passes (ZeRO-3
@@ -857,7 +972,8 @@ class Engine:
                 batch = self._to_device(collate([task], [(0, max(i, 0)) for i in chunk], pad_id))
                 if by_generation:
                     out = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                              max_new_tokens=max_new_tokens, synced_gpus=synced).tolist()
+                                              max_new_tokens=max_new_tokens, synced_gpus=synced,
+                                              ensemble=ensemble).tolist()
                 else:
                     out = self.model.score_candidates(batch["input_ids"], batch["attention_mask"],
                                                       batch["task_ids"], candidates, ensemble=ensemble)
@@ -924,6 +1040,10 @@ class Engine:
         if rank() == 0:
             files = file_digests(root / tmp)
             manifest = {"format": 1, "step": step, "world_size": world_size(), "files": files}
+            if "config" in client_state:
+                # The config fingerprint, so that pick_checkpoint refuses a resume under another
+                # config before the backbone loads.
+                manifest["config"] = client_state["config"]
             atomic_write(root / tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
             if (root / tag).exists():
                 shutil.rmtree(root / tag)

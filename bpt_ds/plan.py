@@ -14,9 +14,14 @@ L the largest layer's parameter count, as DeepSpeed counts them):
   `estimate_zero2_model_states_mem_needs`) with the frozen weights costing their dtype's bytes
   only (no gradient, no fp32 master copy, no optimizer moments):
     replicated (ZeRO-2, only the trainable state sharded): w·N_f + 2·N_t + 18·N_t / G
-    ZeRO-3:                                               4·L + (w·N_f + 18·N_t) / G
-    ZeRO-3, parameters (and optimizer) offloaded to CPU:  4·L
-  With N_f = 0 (everything trainable) these are DeepSpeed's formulas exactly (tested).
+    ZeRO-3:                                               A + (w·N_f + 18·N_t) / G
+    ZeRO-3, parameters (and optimizer) offloaded to CPU:  A
+  With N_f = 0 (everything trainable) and A = 4·L these are DeepSpeed's formulas exactly
+  (tested). A, the parameters gathered at once, is max(4·L, w·min(N, live + 2·prefetch)) with
+  the DeepSpeed config's stage3_max_live_parameters and stage3_prefetch_bucket_size
+  (`zero3_gathered_params`): from the second step DeepSpeed keeps up to that many gathered
+  from the forward pass to the backward pass, which for T5 up to XL under the default 1e9 is
+  the whole backbone (measured, bench/RESULTS.md).
 - activations of one micro-batch kept for the backward pass to the prompt (no weight
   gradients are formed, but the backward pass still runs through every layer); see
   `activation_bytes` for the per-layer terms. Activation checkpointing keeps each block's
@@ -159,19 +164,26 @@ def param_counts(d: T5Dims) -> tuple[int, int]:
 def model_states(total_params: int, largest_layer_params: int, trainable_params: int, *,
                  num_gpus_per_node: int = 1, num_nodes: int = 1, zero: int = 3,
                  offload_param: bool = False, offload_optimizer: bool = False,
-                 weight_bytes: int = 2, additional_buffer_factor: float = 1.5) -> tuple[int, int]:
+                 weight_bytes: int = 2, additional_buffer_factor: float = 1.5,
+                 gathered_params: Optional[int] = None) -> tuple[int, int]:
     """(CPU bytes per node, GPU bytes per GPU) for parameters, gradients and optimizer state.
 
     `trainable_params` of the `total_params` train (2-byte weights, 18 bytes of ZeRO state as
     DeepSpeed counts them); the rest are frozen and cost `weight_bytes` each. With every
     parameter trainable this is DeepSpeed's estimator (zero=3: the `all_cold` one; zero=2:
     `estimate_zero2_model_states_mem_needs`), line for line.
+
+    ZeRO-3's working set of gathered parameters is DeepSpeed's 4·L (the largest layer) there.
+    `gathered_params` (see `zero3_gathered_params`) replaces it by what DeepSpeed really keeps
+    gathered during a step, `weight_bytes` each, when that is more.
     """
     frozen = total_params - trainable_params
     gpus = num_gpus_per_node * num_nodes
     buffer = additional_buffer_factor
     if zero == 3:
         layer = 4 * largest_layer_params
+        if gathered_params is not None:
+            layer = max(layer, weight_bytes * min(total_params, gathered_params))
         if offload_optimizer and offload_param:
             gpu = layer
             cpu = (weight_bytes * frozen + 18 * trainable_params) / num_nodes * buffer
@@ -197,6 +209,31 @@ def model_states(total_params: int, largest_layer_params: int, trainable_params:
             cpu = (weight_bytes * frozen + 4 * trainable_params) * num_gpus_per_node * buffer
         return int(cpu), int(gpu)
     raise PlanError(f"unknown ZeRO stage {zero}")
+
+
+ZERO3_DEFAULTS = {"stage3_max_live_parameters": 10 ** 9, "stage3_prefetch_bucket_size": 5 * 10 ** 7}
+
+
+def zero3_gathered_params(zero_optimization: dict) -> int:
+    """Parameters (values) DeepSpeed ZeRO-3 keeps gathered on a rank during a step, from its
+    `zero_optimization` section: max_live_parameters + 2 x prefetch_bucket_size.
+
+    From the second step on (the first records the module trace) every module fetch prefetches
+    up to prefetch_bucket_size more values while fewer than max_live_parameters are gathered;
+    the prefetcher's scan then reaches each prefetched weight's use in the backward pass, and
+    DeepSpeed does not release a weight before a use it has scanned. So a frozen backbone of
+    fewer than max_live_parameters values (the default 1e9) stays gathered whole from the
+    forward pass to its backward use (measured: all of a small T5, tests/test_large.py; 220M of
+    t5-v1_1-base's 248M, bench/RESULTS.md), and of a larger one (T5-XL: 2.85B) this assumes
+    max_live_parameters plus the prefetch in flight. A max_live_parameters far below the
+    backbone does not bound it: with 40,000 on a 302,208-value T5, 281,344 stayed gathered;
+    this estimate is only as good as the shipped configs' 1e9.
+    """
+    def value(key: str) -> int:
+        v = zero_optimization.get(key, ZERO3_DEFAULTS[key])
+        return ZERO3_DEFAULTS[key] if v in (None, "auto") else int(v)
+
+    return value("stage3_max_live_parameters") + 2 * value("stage3_prefetch_bucket_size")
 
 
 # -------------------------------------------------------------- activations
@@ -307,6 +344,7 @@ class Request:
     nodes: int = 1
     gpu_mem_gb: float = 80.0
     cpu_mem_gb: Optional[float] = None   # host memory per node; None: not checked
+    cpu_mem_source: str = ""             # where cpu_mem_gb came from, for the report
     batch: int = 8                 # micro-batch per GPU (examples)
     seq: int = 256                 # source tokens (the prompt comes on top)
     target_len: int = 16
@@ -319,6 +357,9 @@ class Request:
     attention: str = "sdpa"
     reserve_gb: float = 2.0
     margin: float = 0.1
+    # ZeRO-3's gathered working set (zero3_gathered_params); None: from the setup's template
+    # in ds_configs/ (check_run passes the run's own DeepSpeed config).
+    zero3_gathered: Optional[int] = None
 
     @property
     def trainable(self) -> int:
@@ -338,11 +379,17 @@ def estimate(req: Request, setup: Setup) -> Estimate:
     kw = dict(num_gpus_per_node=req.gpus, num_nodes=req.nodes, weight_bytes=w)
     if setup.name == "replicated":
         cpu, states = model_states(total + trainable, largest, trainable, zero=2, **kw)
-    elif setup.name == "zero3":
-        cpu, states = model_states(total + trainable, largest, trainable, zero=3, **kw)
     else:
-        cpu, states = model_states(total + trainable, largest, trainable, zero=3, offload_param=True,
-                                   offload_optimizer=True, **kw)
+        gathered = req.zero3_gathered
+        if gathered is None:
+            template = ds_config_for(setup) if setup.template else {}
+            gathered = zero3_gathered_params(template.get("zero_optimization", {}))
+        kw["gathered_params"] = gathered
+        if setup.name == "zero3":
+            cpu, states = model_states(total + trainable, largest, trainable, zero=3, **kw)
+        else:
+            cpu, states = model_states(total + trainable, largest, trainable, zero=3, offload_param=True,
+                                       offload_optimizer=True, **kw)
     acts = activation_bytes(req.dims, req.rows, req.seq + req.prompt_length, req.target_len,
                             checkpointing=setup.checkpointing, act_bytes=w, attention=req.attention)
     reserve = int(req.reserve_gb * GiB)
@@ -363,21 +410,38 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def report(req: Request, estimates: list[Estimate]) -> str:
+def report(req: Request, estimates: list[Estimate], on_cpu: bool = False) -> str:
     total, largest = param_counts(req.dims)
     lines = [
         f"backbone: {_count(total)} parameters (largest layer {_count(largest)}), {req.dtype}, frozen; "
         f"trainable: {req.trainable:,} values ({req.particles} particle(s) x {req.prompt_length} tokens"
         f"{f', rank-{req.factor_rank} factors for {req.tasks} tasks' if req.factor_rank else ''})",
-        f"hardware: {req.nodes} node(s) x {req.gpus} GPU(s) with {req.gpu_mem_gb:g} GiB each"
-        f"{f', {req.cpu_mem_gb:g} GiB host memory per node' if req.cpu_mem_gb is not None else ''}; micro-batch "
+        (f"hardware: {req.nodes} node(s) x {req.gpus} rank(s) on CPU, no GPU (each rank's total below is in "
+         "host memory); " if on_cpu else
+         f"hardware: {req.nodes} node(s) x {req.gpus} GPU(s) with {req.gpu_mem_gb:g} GiB each; ") +
+        f"{host_memory_note(req)}; micro-batch "
         f"{req.batch} x {req.rows // req.batch} particle row(s), source {req.seq} + prompt {req.prompt_length} "
         f"tokens, target {req.target_len}",
-        "per GPU, GiB (total = (states + activations) x "
+        f"per {'rank' if on_cpu else 'GPU'}, GiB (total = (states + activations) x "
         f"{1 + req.margin:g} + reserve; CPU per node for offload/loading):",
         f"{'setup':<14} {'AC':<4} {'states':>8} {'activ.':>8} {'reserve':>8} {'total':>8} {'CPU/node':>8}",
     ] + [e.row() for e in estimates]
     return "\n".join(lines)
+
+
+def host_memory_note(req: Request) -> str:
+    """'host memory: 23.4 GiB per node (this machine; --cpu-mem to plan for another)'."""
+    if req.cpu_mem_gb is None:
+        return "host memory: not checked"
+    return (f"host memory: {round(req.cpu_mem_gb, 1):g} GiB per node"
+            f"{f' ({req.cpu_mem_source})' if req.cpu_mem_source else ''}")
+
+
+def machine_memory() -> int:
+    """Total memory of this machine in bytes (psutil)."""
+    import psutil
+
+    return psutil.virtual_memory().total
 
 
 def ds_config_for(setup: Setup) -> dict:
@@ -395,46 +459,65 @@ def setup_of(ds_config: dict, checkpointing: bool) -> Setup:
     return Setup("zero3-offload" if offload else "zero3", checkpointing, "")
 
 
+THIS_MACHINE = "this machine; deepspeed.host_memory_gb to plan for another"
+
+
 def check_run(cfg, ds_config: dict, model_path: str, placement: str, world: int, gpus_per_node: int,
-              device_memory: Optional[int], host_memory: Optional[int] = None) -> Optional[Estimate]:
+              device_memory: Optional[int], host_memory: Optional[int] = None,
+              host_source: str = THIS_MACHINE) -> Optional[Estimate]:
     """Refuses (ConfigError, with the planner's table) a run whose estimate exceeds the memory
-    of one device (or, given host_memory, a node's memory for loading and offload).
-    `device_memory` None (CPU without deepspeed.device_memory_gb) skips."""
+    of one device, or a node's host memory (`host_memory`, from `host_source`) for loading and
+    offload. `device_memory` None means no GPU: the ranks' model states and activations are in
+    host memory too, so a node needs gpus_per_node x the per-device total + the loading memory.
+    Nothing to check (None) without either figure or with deepspeed.memory_check=false."""
     from transformers import AutoConfig
 
     from .config import ConfigError
 
-    if device_memory is None or not cfg.deepspeed.memory_check:
+    if not cfg.deepspeed.memory_check or (device_memory is None and host_memory is None):
         return None
+    on_cpu = device_memory is None
     dims = dims_from_config(AutoConfig.from_pretrained(model_path))
     req = Request(dims, gpus=gpus_per_node, nodes=max(1, world // max(1, gpus_per_node)),
-                  gpu_mem_gb=device_memory / GiB,
-                  cpu_mem_gb=host_memory / GiB if host_memory is not None else None, batch=ds_config["train_micro_batch_size_per_gpu"],
+                  gpu_mem_gb=float("inf") if on_cpu else device_memory / GiB,
+                  cpu_mem_gb=host_memory / GiB if host_memory is not None else None, cpu_mem_source=host_source,
+                  batch=ds_config["train_micro_batch_size_per_gpu"],
                   seq=cfg.data.max_source_length, target_len=cfg.data.max_target_length,
                   prompt_length=cfg.prompt.length, particles=cfg.prompt.particles,
                   placement=placement, factor_rank=cfg.prompt.factors.rank,
                   tasks=len(cfg.data.tasks), dtype="bf16" if ds_config["bf16"]["enabled"] else "fp32",
                   attention=cfg.model.attn_implementation,
-                  reserve_gb=cfg.deepspeed.memory_reserve_gb, margin=0.1)
+                  reserve_gb=cfg.deepspeed.memory_reserve_gb, margin=0.1,
+                  zero3_gathered=zero3_gathered_params(ds_config.get("zero_optimization", {})))
+
+    def host_need(e: Estimate) -> int:  # what a node's host memory holds
+        return e.cpu_per_node + (req.gpus * e.total if on_cpu else 0)
+
+    def fits(e: Estimate) -> bool:
+        return e.fits_gpu and (req.cpu_mem_gb is None or host_need(e) <= req.cpu_mem_gb * GiB)
+
     mine = estimate(req, setup_of(ds_config, cfg.model.gradient_checkpointing))
-    if mine.fits:
+    if fits(mine):
         return mine
-    estimates = plan(req)
+    estimates = [replace(e, fits_host=e.fits_host and fits(e)) for e in plan(req)]
     fit = best(estimates)
     advice = (f"the fastest setup that fits is {DESCRIPTION[fit.setup.name]}"
               f"{' with activation checkpointing' if fit.setup.checkpointing else ''}: "
               f"deepspeed.config={fit.setup.template} model.gradient_checkpointing="
               f"{'true' if fit.setup.checkpointing else 'false'}" if fit else
               "no setup fits: lower train.micro_batch_size (gradient accumulation keeps the global batch), "
-              "data.max_source_length or prompt.length, or use more GPUs")
-    need = (f"about {mine.total / GiB:.2f} GiB per GPU" if not mine.fits_gpu else
-            f"about {mine.cpu_per_node / GiB:.1f} GiB of host memory per node")
-    have = (f"a device has {device_memory / GiB:.2f} GiB" if not mine.fits_gpu else
-            f"a node has {req.cpu_mem_gb:.1f} GiB")
-    raise ConfigError(
-        f"this run needs {need} ({mine.setup.name}, activation checkpointing "
-        f"{'on' if mine.setup.checkpointing else 'off'}) but {have}; "
-        f"{advice}. Set deepspeed.memory_check=false to start anyway.\n{report(req, estimates)}")
+              "data.max_source_length or prompt.length, or use more GPUs" +
+              (" (on CPU: fewer ranks per node, or a smaller deepspeed.memory_reserve_gb per rank)" if on_cpu else ""))
+    what = f"{mine.setup.name}, activation checkpointing {'on' if mine.setup.checkpointing else 'off'}"
+    if not mine.fits_gpu:
+        need = f"about {mine.total / GiB:.2f} GiB per GPU ({what}) but a device has {device_memory / GiB:.2f} GiB"
+    else:
+        parts = (f"{req.gpus} rank(s) x {mine.total / GiB:.2f} GiB of model states, activations and reserve on "
+                 f"CPU + {mine.cpu_per_node / GiB:.2f} GiB to load; " if on_cpu else "")
+        need = (f"about {host_need(mine) / GiB:.1f} GiB of host memory per node ({parts}{what}) but a node has "
+                f"{req.cpu_mem_gb:.1f} GiB ({host_source})")
+    raise ConfigError(f"this run needs {need}; {advice}. Set deepspeed.memory_check=false to start anyway.\n"
+                      f"{report(req, estimates, on_cpu=on_cpu)}")
 
 
 # -------------------------------------------------------------------- CLI
@@ -450,7 +533,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     ap.add_argument("--cpu-mem", type=float, default=None,
-                    help="host memory per node in GiB; checked against loading and offload (default: not checked)")
+                    help="host memory per node in GiB, checked against loading and offload (default: this "
+                         "machine's total memory)")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch per GPU, examples (default 8)")
     ap.add_argument("--seq", type=int, default=256, help="source tokens, without the prompt (default 256)")
     ap.add_argument("--target-len", type=int, default=16, help="target tokens (default 16)")
@@ -480,8 +564,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise PlanError(f"--gpu-mem must be > 0 GiB; got {args.gpu_mem}")
         if args.cpu_mem is not None and not args.cpu_mem > 0:
             raise PlanError(f"--cpu-mem must be > 0 GiB; got {args.cpu_mem}")
+        cpu_mem, source = ((args.cpu_mem, "--cpu-mem") if args.cpu_mem is not None else
+                           (machine_memory() / GiB, "this machine; --cpu-mem to plan for another"))
         req = Request(resolve_dims(args.model), gpus=args.gpus, nodes=args.nodes, gpu_mem_gb=args.gpu_mem,
-                      cpu_mem_gb=args.cpu_mem,
+                      cpu_mem_gb=cpu_mem, cpu_mem_source=source,
                       batch=args.batch, seq=args.seq, target_len=args.target_len,
                       prompt_length=args.prompt_length, particles=args.particles, placement=args.placement,
                       factor_rank=args.factor_rank, tasks=args.tasks, dtype=args.dtype, attention=args.attention,

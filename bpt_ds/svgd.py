@@ -209,17 +209,22 @@ class KDEPrior(_Prior):
         else:
             h = _check_bandwidth(bandwidth)
         self.bandwidth = h
-        p32 = flat.to(torch.float32)
-        self.register_buffer("particles", p32)
-        self.register_buffer("sq_norms", (p32.to(torch.float64) ** 2).sum(dim=1).to(torch.float32))
+        self.register_buffer("particles", flat.to(torch.float32))
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p̂(x) for x shaped [D], [l, d], [N, D] or [N, l, d]: a scalar or [N], float32, differentiable in x."""
+        """log p̂(x) for x shaped [D], [l, d], [N, D] or [N, l, d]: a scalar or [N], float32, differentiable in x.
+
+        The squared distances are summed from the differences x_n - θ_j in float64, one particle
+        at a time (autograd keeps M·N·D values; M and N are small): expanded as ||x||² - 2 x·θ + ||θ||², prompts far from the origin
+        and close to the particles (T5 embeddings: coordinates ~10, D ~ 1e5) lose the distance to
+        cancellation, and the gradient with it.
+        """
         flat, batched = self._flatten_x(x)
-        theta = self.particles.to(torch.float32)  # a no-op unless the module was cast with .to(dtype)
-        sq = ((flat * flat).sum(dim=1, keepdim=True) - 2.0 * flat @ theta.T
-              + self.sq_norms.to(torch.float32)[None, :]).clamp_min(0.0)
+        x64 = flat.to(torch.float64)
+        theta = self.particles.to(torch.float64)
+        sq = torch.stack([((x64 - t) ** 2).sum(dim=1) for t in theta], dim=1)  # [N, M]
         out = torch.logsumexp(-sq / self.bandwidth, dim=1) - math.log(theta.shape[0])
+        out = out.to(torch.float32)
         return out if batched else out[0]
 
 

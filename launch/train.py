@@ -47,7 +47,8 @@ def _main(argv: list[str] | None = None) -> int:
     from bpt_ds.config import ConfigError, load_runs
     from bpt_ds.data.tasks import DataError
 
-    # SIGTERM (preemption, scancel) saves a checkpoint at the next step boundary instead of killing.
+    # SIGTERM (preemption, scancel) and SIGINT (Ctrl-C) save a checkpoint at the next step boundary
+    # instead of killing; a second Ctrl-C kills at once.
     engine.install_stop_handler()
 
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -73,7 +74,7 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except engine.Preempted as e:
         say(f"[bpt_ds] {e}")
-        return EXIT_PREEMPTED
+        return 128 + e.signum  # EXIT_PREEMPTED for SIGTERM, 130 for SIGINT
     except engine.TrainingHalted as e:
         if rank0:  # every rank stops at the same step, for the same reason
             print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
@@ -92,8 +93,9 @@ def _main(argv: list[str] | None = None) -> int:
 # Exit codes (README, "Reliability"): 0 finished; 2 bad input (config, data, files, checkpoints),
 # nothing trained; 3 a rank was lost or hung; 4 too many non-finite steps in a row; 5 an output
 # could not be written (and where it went instead); 143 stopped by SIGTERM after saving a
-# checkpoint (128 + SIGTERM, as schedulers expect of a terminated job). Rerun to resume after 3, 4, 143.
-EXIT_BAD_INPUT, EXIT_LOST_RANK, EXIT_HALTED, EXIT_SAVE_FAILED, EXIT_PREEMPTED = 2, 3, 4, 5, 143
+# checkpoint (128 + SIGTERM, as schedulers expect of a terminated job), 130 the same on SIGINT
+# (Ctrl-C; 128 + SIGINT, as shells report it). Rerun to resume after 3, 4, 130, 143.
+EXIT_BAD_INPUT, EXIT_LOST_RANK, EXIT_HALTED, EXIT_SAVE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 4, 5, 143, 130
 
 
 def report_lost_ranks(e: Exception) -> None:

@@ -106,36 +106,81 @@ def test_two_particles_on_four_ranks_share_and_split_their_blocks(cache, tmp_pat
         scalars(tmp_path / "one")["train/grad_norm"][0], rel=1e-5)
 
 
+def test_three_ranks_with_a_particle_tensor_that_does_not_divide_by_three(cache, tmp_path):
+    """ZeRO-3 pads every rank's partition to ceil(D/R) values: one particle of 8 x 128 = 1,024 on 3
+    ranks is 342 + 342 + 340 and 2 of padding. DeepSpeed 0.19.8's safe_set_full_grad cuts the
+    unpadded full gradient at rank x 342, so rank 2 died writing its partition back ("start (684)
+    + length (342) exceeds dimension size (1024)"). Every stage with a gradient hook writes
+    through that path: SVGD (one particle, three ranks sharing its block), and the target's prior
+    (a KDE over three source particles; with factors). One pipeline of both on 1 and on 3 ranks.
+
+    Tolerance: fp32 and the same micro-batches of 2 on both; only the order in which the three
+    micro-batches' gradients are summed differs (accumulation on one rank, reduction over three),
+    rounding of ~1e-7 relative that Adam carries through three steps (measured: at most 1.1e-6,
+    a few fp32 ulps of values up to 1.8, on particles that moved up to 0.2 per coordinate; a rank
+    writing a wrong partition would be off by ~0.1 there)."""
+    prior = tmp_path / "prior.safetensors"
+    save_file({"particles": torch.randn(3, 8, 128, generator=torch.Generator().manual_seed(1)) * 0.5}, str(prior))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        "defaults:\n  seed: 5\n  model: {dtype: fp32}\n  prompt: {length: 8}\n"
+        "  data: {max_eval_examples: 4, synthetic_train_examples: 200}\n"
+        "  train: {steps: 3, global_batch_size: 6, micro_batch_size: 2, lr: 0.1, eval_every: 0, save_every: 0,"
+        " log_every: 1}\n"
+        "stages:\n"
+        "  - {name: source, stage: bmtpt-source, prompt: {particles: 1, init: random}, data: {tasks: [sentiment, mood]}}\n"
+        "  - name: target\n    stage: target\n"
+        "    prompt: {init_file: \"{source}\", factors: {rank: 1}}\n"
+        f"    prior: {{kind: kde, beta: 1.0, file: {prior}}}\n"
+        "    data: {tasks: [polarity]}\n")
+    runs = {}
+    for ranks in (1, 3):
+        out = tmp_path / f"ranks{ranks}"
+        proc = run_ds(ranks, TRAIN, "--config", str(pipeline), f"output_dir={out}", cache=cache, port=29700)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[ranks] = {stage: load_file(str(out / stage / "prompts.safetensors")) for stage in ("source", "target")}
+    assert "partitioned by ZeRO-3 (342 of 1,024 values on rank 0)" in proc.stdout
+    start = torch.randn(1, 8, 128, generator=torch.Generator().manual_seed(5)) * 0.5
+    one, three = runs[1], runs[3]
+    assert (one["source"]["particles"] - start).norm() > 1.0  # SVGD moved it
+    assert (one["target"]["particles"] - one["source"]["particles"]).norm() > 1.0
+    for stage in ("source", "target"):
+        assert set(three[stage]) == set(one[stage])
+        for name in one[stage]:
+            torch.testing.assert_close(three[stage][name], one[stage][name], rtol=0, atol=5e-6,
+                                       msg=lambda m: f"{stage} {name}: {m}")
+    assert scalars(tmp_path / "ranks3" / "target")["prior/grad_norm"][0] == pytest.approx(
+        scalars(tmp_path / "ranks1" / "target")["prior/grad_norm"][0], rel=1e-5)
+
+
 def test_without_repulsion_equal_particles_stay_equal_and_do_data_parallel_descent(cache, tmp_path):
     """(d) Two particles started equal, one per rank, repulsive term off, likelihood scale 1:
     K is all ones, so each particle moves along the mean of both ranks' gradients, which is
-    plain data-parallel gradient descent on the whole global batch (stage pt, one prompt).
-    Gradient clipping is off: it acts on the norm over all particles together."""
+    plain data-parallel gradient descent on the whole global batch's likelihood (one particle
+    shared by both ranks). Gradient clipping is off: it acts on the norm over all particles
+    together."""
     start = tmp_path / "start.safetensors"
     save_file({"particles": torch.randn(1, 8, 128, generator=torch.Generator().manual_seed(0)) * 0.5}, str(start))
     common = [*SOURCE[1:], "prompt.init=file", f"prompt.init_file={start}", "train.max_grad_norm=0",
               "train.log_every=1"]
-    svgd, pt = tmp_path / "svgd", tmp_path / "pt"
+    svgd = tmp_path / "svgd"
     assert run_ds(2, TRAIN, f"output_dir={svgd}", "stage=bmtpt-source", *common, "prompt.particles=2",
-                  "svgd.repulsive=false", "svgd.likelihood_scale=1", cache=cache).returncode == 0
-    assert run_ds(2, TRAIN, f"output_dir={pt}", "stage=pt", *common, "prompt.particles=1",
-                  cache=cache).returncode == 0
-    ps, pp = particles(svgd), particles(pt)
+                  "svgd.repulsive=false", "svgd.likelihood_scale=1", cache=cache, port=29725).returncode == 0
+    ps = particles(svgd)
     assert torch.equal(ps[0], ps[1])
-    assert (pp[0] - load_file(str(start))["particles"][0]).norm() > 1.0
-    torch.testing.assert_close(ps[0], pp[0], rtol=0, atol=2e-5)
+    assert (ps[0] - load_file(str(start))["particles"][0]).norm() > 1.0
     # One particle shared by both ranks, each with half its block (R a multiple of M): the same.
     shared = tmp_path / "shared"
     assert run_ds(2, TRAIN, f"output_dir={shared}", "stage=bmtpt-source", *common, "prompt.particles=1",
-                  "svgd.likelihood_scale=1", cache=cache).returncode == 0
-    torch.testing.assert_close(particles(shared)[0], pp[0], rtol=0, atol=2e-5)
+                  "svgd.likelihood_scale=1", cache=cache, port=29726).returncode == 0
+    torch.testing.assert_close(particles(shared)[0], ps[0], rtol=0, atol=2e-5)
 
     # Adam hides a wrong gradient scale, so check the scale itself: the gradient norm DeepSpeed
-    # logs at step 1 against the mean loss's gradient over the step's 16 examples, computed here
-    # in one process without DeepSpeed. SVGD's -phi has two rows, each that gradient.
+    # logs at step 1 against the gradient of the mean over the step's 16 examples of each
+    # example's summed token NLL, computed here in one process without DeepSpeed. SVGD's -phi
+    # has two rows, each that gradient. (Stage pt's per-token loss: tests/test_loss_runs.py.)
     reference = step_one_gradient_norm(load_file(str(start))["particles"], common, cache)
     norm = lambda run: scalars(run)["train/grad_norm"][0]  # noqa: E731
-    assert norm(pt) == pytest.approx(reference, rel=1e-4)
     assert norm(shared) == pytest.approx(reference, rel=1e-4)
     assert norm(svgd) == pytest.approx(2 ** 0.5 * reference, rel=1e-4)
 
@@ -159,7 +204,7 @@ def step_one_gradient_norm(start: torch.Tensor, overrides: list[str], cache: Pat
     bank.init_rows(start)
     model = PromptedT5(T5ForConditionalGeneration.from_pretrained(path).requires_grad_(False), bank)
     rows, _ = model(**collate(tasks, picks, tokenizer.pad_token_id))
-    rows.mean().backward()
+    rows.mean().backward()  # a row: an example's token NLL summed over its tokens
     return bank.particles.grad.norm().item()
 
 

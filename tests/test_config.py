@@ -188,20 +188,27 @@ def test_pipeline_errors_name_the_stage(tmp_path, edit, message):
 
 
 def test_particle_placement_over_ranks():
+    import torch
+
     from bpt_ds.engine import Placement
 
     # M = 4 on R = 2: whole particles per rank; each particle owns a block of B/M = 4 rows.
     p = Placement.make("split", particles=4, world=2, global_batch=16)
     assert p.row_particles(0).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert p.row_particles(1).tolist() == [2, 2, 2, 2, 3, 3, 3, 3]
-    assert p.local_particles(1) == [2, 3] and p.row_weight(accumulation=2) == 2 * 2 / 4
+    assert p.local_particles(1) == [2, 3] and p.row_weight(accumulation=2) == 2 * 2
+    # Each example's particle's units (here target tokens) in the global batch: its block's sum.
+    units = torch.arange(1, 17)
+    assert p.particle_denominators(units).tolist() == [10] * 4 + [26] * 4 + [42] * 4 + [58] * 4
     # M = 2 on R = 4: two ranks share a particle and split its block.
     q = Placement.make("split", particles=2, world=4, global_batch=16)
     assert [q.local_particles(r) for r in range(4)] == [[0], [0], [1], [1]]
-    assert q.rank_rows(3) == (12, 16) and q.row_weight(accumulation=1) == 4 / 8
+    assert q.rank_rows(3) == (12, 16) and q.row_weight(accumulation=1) == 4
+    assert q.particle_denominators(units).tolist() == [36] * 8 + [100] * 8
     # Every rank, every particle (stage pt): rows are (particle, example) pairs over the rank's share.
     e = Placement.make("every", particles=3, world=2, global_batch=16)
-    assert e.row_particles(0) is None and e.local_particles(1) == [0, 1, 2] and e.row_weight(1) == 2 / 16
+    assert e.row_particles(0) is None and e.local_particles(1) == [0, 1, 2] and e.row_weight(1) == 2
+    assert e.particle_denominators(units).tolist() == [136] * 16
     with pytest.raises(ConfigError, match=r"^prompt.particles \(3\) and the number of ranks \(2\) do not fit: SVGD "
                                           r"places whole particles on ranks, so one must be a multiple of the other; "
                                           r"e.g. prompt.particles=1 or 2 or 4 or 8"):

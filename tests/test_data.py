@@ -73,13 +73,101 @@ def test_missing_file_column_and_malformed_rows(tmp_path):
 
     f = tmp_path / "e.jsonl"
     f.write_text('{"input": "ok", "target": "y"}\n{"input": broken\n')
-    with pytest.raises(DataError, match=f"data.local.mine.train: '{f}' is not a readable json file"):
+    with pytest.raises(DataError) as e:
         load_task("mine", data_cfg(tmp_path, train=f), 0)
+    assert str(e.value) == (f"data.local.mine.train: '{f}', row 2: not valid JSON (Expecting value at character 11); "
+                            "each line of a JSON Lines file is one JSON object: fix or remove the row")
 
     f = tmp_path / "f.txt"
     f.write_text("x")
     with pytest.raises(DataError, match="cannot read .* use one of the suffixes .json, .jsonl, .csv, .parquet"):
         load_task("mine", data_cfg(tmp_path, train=f), 0)
+
+
+NOT_UTF8 = "is not UTF-8 text; save the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
+
+
+def load_error(cfg, name="mine") -> str:
+    with pytest.raises(DataError) as e:
+        load_task(name, cfg, 0)
+    return str(e.value)
+
+
+def test_a_non_utf8_byte_or_a_cut_off_row_names_the_file_and_row(tmp_path):
+    good = '{"input": "good movie", "target": "positive"}\n'
+    # A Latin-1 byte inside a string (datasets loads it; reading the row would raise UnicodeDecodeError).
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes(good.encode() + b'{"input": "caf\xe9 bad", "target": "negative"}\n' + good.encode())
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 2: byte 15 of the line (0xe9) {NOT_UTF8}")
+    # The last row cut off (a copy that stopped mid-file).
+    f = tmp_path / "cut.jsonl"
+    f.write_text(good * 2 + '{"input": "ok", "tar')
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 3: not valid JSON (Unterminated string starting at character 17); "
+        "the file ends inside this row: was it cut off? Fix or remove the row")
+    # Blank lines are not rows: both numbers are given when they differ.
+    f = tmp_path / "blank.jsonl"
+    f.write_bytes(good.encode() + b"\n" + b'{"input": "\xe9", "target": "negative"}\n')
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 2 (line 3): byte 12 of the line (0xe9) {NOT_UTF8}")
+    f = tmp_path / "array.jsonl"
+    f.write_text(good + "[1, 2]\n")
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 2: a JSON array where an object "
+        '{"column": value, ...} was expected; fix or remove the row')
+    # A JSON document (an array of rows): its line.
+    f = tmp_path / "rows.json"
+    f.write_bytes(b'[{"input": "good", "target": "positive"},\n {"input": "b\xe9d", "target": "negative"}]\n')
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', line 2: byte 14 of the line (0xe9) {NOT_UTF8}")
+    # CSV: row 1 is the first after the header.
+    f = tmp_path / "latin.csv"
+    f.write_bytes(b"input,target\ngood,positive\ncaf\xe9 bad,negative\n")
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 2 (line 3): byte 4 of the line (0xe9) {NOT_UTF8}")
+    f = tmp_path / "cut.csv"
+    f.write_text('input,target\ngood,positive\n"caf bad,negative\n')
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 2 (line 3): a quoted field starting here is never closed; the file "
+        "ends inside it: was it cut off?")
+    # Parquet: the row and column of the bytes.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "latin.parquet"
+    text = pa.array([b"good", b"caf\xe9"], pa.binary()).view(pa.string())  # no UTF-8 check on the way in
+    pq.write_table(pa.table({"input": text, "target": ["positive", "negative"]}), f)
+    assert load_error(data_cfg(tmp_path, train=f)) == (
+        f"data.local.mine.train: '{f}', row 2: column 'input' holds byte 0xe9 (byte 4 of the value), which is "
+        "not UTF-8 text; write the column as UTF-8")
+
+
+def test_the_trainer_names_a_non_utf8_row_and_exits_2_without_a_traceback(tmp_path):
+    from test_cli import run_cli
+
+    bad = tmp_path / "rows.jsonl"
+    bad.write_bytes(b'{"input": "fine", "target": "a"}\n{"input": "na\xefve", "target": "b"}\n')
+    cache = tmp_path / "cache"
+    proc = run_cli("data.tasks=[mine]", f"data.local.mine.train={bad}", f"data.local.mine.validation={bad}",
+                   f"output_dir={tmp_path / 'out'}", cache=cache)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"bpt_ds: error: data.local.mine.train: '{bad}', row 2: byte 14 of the line (0xef) {NOT_UTF8}\n" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr and "UnicodeDecodeError" not in proc.stderr
+    assert not cache.exists() or not any(cache.iterdir())  # before any model work
+
+
+def test_a_suite_task_file_with_a_bad_row_names_the_file_and_row(tmp_path):
+    rte = {"sentence1": "A man sleeps.", "sentence2": "A man rests.", "label": 0, "idx": 0}
+    f = tmp_path / "rte.jsonl"
+    f.write_bytes((json.dumps(rte) + "\n").encode() * 3 + b'{"sentence1": "Caf\xe9", "sentence2": "x", "label": 1}\n')
+    cfg = load_config(None, [f"data.files.rte.train={f}", f"data.files.rte.validation={f}"]).data
+    assert load_error(cfg, "rte") == f"data.files.rte.train: '{f}', row 4: byte 19 of the line (0xe9) {NOT_UTF8}"
+    f.write_text(json.dumps(rte) + "\n" + json.dumps(rte)[:20])
+    assert load_error(cfg, "rte") == (
+        f"data.files.rte.train: '{f}', row 2: not valid JSON (Unterminated string starting at character 15); "
+        "the file ends inside this row: was it cut off? Fix or remove the row")
 
 
 def test_truncation_keeps_eos_and_is_counted(tiny_backbone_path, caplog):

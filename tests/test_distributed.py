@@ -287,6 +287,13 @@ def test_default_command_runs_end_to_end(cache, tmp_path):
     assert prompts(out, "prompts_best.safetensors").shape == (1, 16, 128)
     assert prompts(out).shape == (1, 16, 128)
     assert any((out / "tb").iterdir())
+    # The embedded default written out continues that run (it was refused for
+    # `train.micro_batch_size: None -> 16` before the file said what the default says).
+    again = subprocess.run(["deepspeed", "--master_port", "29762", TRAIN, "--config",
+                            str(ROOT / "configs" / "tiny_cpu.yaml")], env=ds_env(cache, 1), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[bpt_ds] resumed from step 200 " in again.stdout and "done at step 200." in again.stdout
 
 
 def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):

@@ -83,9 +83,9 @@ def test_distillation_terms_against_a_hand_computation(t5):
     for b in range(3):
         k = keep[b]
         kl = F.kl_div(F.log_softmax(s.logits[b][k] / 2.0, -1), F.log_softmax(t.logits[b][k] / 2.0, -1),
-                      log_target=True, reduction="batchmean")
-        mse = ((s.decoder_hidden_states[-1][b][k] - t.decoder_hidden_states[-1][b][k]) ** 2).mean()
-        plm = F.cross_entropy(s.logits[b][k], labels[b][k])
+                      log_target=True, reduction="sum")           # summed over target tokens
+        mse = ((s.decoder_hidden_states[-1][b][k] - t.decoder_hidden_states[-1][b][k]) ** 2).mean(-1).sum()
+        plm = F.cross_entropy(s.logits[b][k], labels[b][k], reduction="sum")
         assert terms["logits_kl"][b].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
         assert terms["hidden_mse"][b].item() == pytest.approx(mse.item(), rel=1e-4, abs=1e-7)
         assert terms["plm"][b].item() == pytest.approx(plm.item(), rel=1e-5)
@@ -97,6 +97,91 @@ def test_distillation_terms_against_a_hand_computation(t5):
     same = DistilledT5(model, bank, bank(torch.tensor([0, 1]), aggregate=True)[0].detach(), 1.0, 1.0, "encoder_last")
     _, _, terms = same(ids, mask, labels, task_ids)
     assert terms["logits_kl"].abs().max() < 1e-6 and terms["hidden_mse"].abs().max() < 1e-10
+
+
+def test_encoder_hidden_term_counts_once_per_target_token(t5):
+    """distill.hidden=encoder_last under the per-token convention: a row's term is its squared
+    error averaged over its encoder positions (prompt included) and features, times its target
+    tokens, so the global batch's per-token mean weights examples as L_PLM does."""
+    model, tok = t5
+    bank = PromptBank(1, 4, model.config.d_model, tasks=["a", "b"], rank=1)
+    bank.init_random(0.5, torch.Generator().manual_seed(2))
+    teachers = torch.randn(2, 4, model.config.d_model, generator=torch.Generator().manual_seed(3)) * 0.5
+    ids, mask, labels, task_ids = batch(tok, [0, 1, 1])
+    _, _, terms = DistilledT5(model, bank, teachers, 1.0, 1.0, "encoder_last")(ids, mask, labels, task_ids)
+    emb = model.get_input_embeddings()(ids)
+    full_mask = torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1)
+    enc = model.get_encoder()
+    s = enc(inputs_embeds=torch.cat([bank(task_ids)[0], emb], 1), attention_mask=full_mask).last_hidden_state
+    t = enc(inputs_embeds=torch.cat([teachers[task_ids], emb], 1), attention_mask=full_mask).last_hidden_state
+    for b in range(3):
+        real = full_mask[b] == 1
+        expected = ((s[b][real] - t[b][real]) ** 2).mean() * (labels[b] != -100).sum()
+        assert terms["hidden_mse"][b].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def t5_dropout(tiny_backbone_path):
+    """The tiny backbone as real T5 checkpoints ship: dropout 0.1."""
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(tiny_backbone_path, dropout_rate=0.1)
+    return model.requires_grad_(False)
+
+
+def _modes(module) -> list[bool]:
+    return [m.training for m in module.modules()]
+
+
+@pytest.mark.parametrize("hidden", ["decoder_last", "encoder_last"])
+def test_teacher_pass_is_deterministic_while_the_student_keeps_dropout(t5, t5_dropout, hidden):
+    """With dropout 0.1 and the teacher prompt equal to the student's, the teacher runs without
+    dropout (what an eval-mode pass gives), the student with it, and the backbone is back in
+    training mode afterwards. no_grad alone left the teacher's dropout on: KL and MSE then
+    measured two noisy copies of the same prompt."""
+    model, tok = t5_dropout, t5[1]
+    bank = PromptBank(1, 4, model.config.d_model, tasks=["a", "b"], rank=1, factor_init_std=0.0)
+    bank.init_random(0.5, torch.Generator().manual_seed(1))
+    ids, mask, labels, task_ids = batch(tok, [0, 1, 1])
+    same_prompt = bank(torch.tensor([0, 1]), aggregate=True)[0].detach()
+    distilled = DistilledT5(model, bank, same_prompt, 1.0, 1.0, hidden).train()
+    model.encoder.block[0].layer[0].eval()   # a submodule in its own mode keeps it
+    before = _modes(model)
+    torch.manual_seed(7)
+    rows, _, terms = distilled(ids, mask, labels, task_ids)
+    assert _modes(model) == before and model.training
+
+    # By hand: the teacher in eval mode (no dropout), the student in training mode with the
+    # same random state as the student pass above (the teacher pass draws nothing).
+    dec = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    emb = model.get_input_embeddings()(ids)
+    full_mask = torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1)
+    t_in = torch.cat([same_prompt[task_ids], emb], 1)
+    model.eval()
+    t = model(inputs_embeds=t_in, attention_mask=full_mask, decoder_input_ids=dec, output_hidden_states=True)
+    again = model(inputs_embeds=t_in, attention_mask=full_mask, decoder_input_ids=dec).logits
+    assert torch.equal(t.logits, again)
+    distilled.train()
+    model.encoder.block[0].layer[0].eval()
+    torch.manual_seed(7)
+    s = model(inputs_embeds=torch.cat([bank(task_ids)[0], emb], 1), attention_mask=full_mask,
+              decoder_input_ids=dec, output_hidden_states=True)
+    keep = labels != -100
+    for b in range(3):
+        k = keep[b]
+        kl = F.kl_div(F.log_softmax(s.logits[b][k], -1), F.log_softmax(t.logits[b][k], -1),
+                      log_target=True, reduction="sum")
+        assert terms["logits_kl"][b].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-7)
+    assert terms["logits_kl"].min() > 1e-4          # the student's own dropout
+    # The student pass still applies dropout: another draw, another loss.
+    torch.manual_seed(8)
+    other, _, _ = distilled(ids, mask, labels, task_ids)
+    assert (other - rows).abs().max() > 1e-4
+    # With the whole model in eval mode the two passes are one computation: KL = MSE = 0.
+    distilled.eval()
+    _, _, still = distilled(ids, mask, labels, task_ids)
+    assert still["logits_kl"].abs().max() < 1e-6 and still["hidden_mse"].abs().max() < 1e-10
+    assert not any(_modes(model))
 
 
 def test_target_factors_start_fresh_from_one_source_or_from_the_mean():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,18 +133,19 @@ def run_plan(*args):
 def test_cli_picks_the_fastest_setup_that_fits_and_writes_its_ds_config(tmp_path):
     out = tmp_path / "ds.json"
     # XXL on 8 x 24 GiB: 22 GiB of replicated bf16 weights leave no room; ZeRO-3 does.
-    proc = run_plan("--model", "google/flan-t5-xxl", "--gpus", "8", "--gpu-mem", "24", "--batch", "4",
-                    "--seq", "256", "--particles", "4", "--write", str(out))
+    proc = run_plan("--model", "google/flan-t5-xxl", "--gpus", "8", "--gpu-mem", "24", "--cpu-mem", "1024",
+                    "--batch", "4", "--seq", "256", "--particles", "4", "--write", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "fastest that fits: ZeRO-3 (backbone partitioned), activation checkpointing off" in proc.stdout
     lines = {tuple(line.split()[:2]): line for line in proc.stdout.splitlines()[4:10]}
     assert lines[("replicated", "no")].endswith("does not fit (GPU)")
     assert json.loads(out.read_text()) == json.loads((ROOT / "ds_configs/zero3_bf16.json").read_text())
     # The same numbers as JSON, and as the library computes them.
-    proc = run_plan("--model", "google/flan-t5-xxl", "--gpus", "8", "--gpu-mem", "24", "--batch", "4",
-                    "--seq", "256", "--particles", "4", "--write", "-", "--json")
+    proc = run_plan("--model", "google/flan-t5-xxl", "--gpus", "8", "--gpu-mem", "24", "--cpu-mem", "1024",
+                    "--batch", "4", "--seq", "256", "--particles", "4", "--write", "-", "--json")
     got = json.loads(proc.stdout)
-    req = plan.Request(plan.PRESETS["flan-t5-xxl"], gpus=8, gpu_mem_gb=24, batch=4, seq=256, particles=4)
+    req = plan.Request(plan.PRESETS["flan-t5-xxl"], gpus=8, gpu_mem_gb=24, cpu_mem_gb=1024, batch=4, seq=256,
+                       particles=4)
     assert [e["total"] for e in got["estimates"]] == [e.total for e in plan.plan(req)]
     assert got["choice"]["name"] == "zero3" and got["choice"]["checkpointing"] is False
     # Host memory: eight replicated XL copies need ~64 GiB to load; with 32 GiB per node, ZeRO-3.
@@ -185,6 +187,128 @@ def test_cli_says_when_nothing_fits_and_rejects_unknown_dims(tmp_path):
     assert proc.returncode == 0 and "backbone: 99.0M parameters" in proc.stdout
 
 
+def plan_output(monkeypatch, capsys, *args, host_gib: float = 23.4) -> tuple[int, str, str]:
+    """plan.main in this process, on a machine with host_gib of memory."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=int(host_gib * 2**30)))
+    code = plan.main([*args, "--write", "-"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table(out: str) -> dict:
+    return {tuple(line.split()[:2]): line for line in out.splitlines() if line.split()[:1] in
+            (["replicated"], ["zero3"], ["zero3-offload"])}
+
+
+def test_cli_checks_host_memory_by_default_and_says_which_it_assumed(monkeypatch, capsys):
+    # Eight replicated XXL copies cannot be loaded with 80 GiB per node: ZeRO-3 is the answer.
+    code, out, _ = plan_output(monkeypatch, capsys, "--model", "t5-v1_1-xxl", "--gpus", "8", "--gpu-mem", "80",
+                            "--cpu-mem", "80")
+    assert code == 0
+    assert "; host memory: 80 GiB per node (--cpu-mem); " in out
+    rows = table(out)
+    assert rows[("replicated", "no")].endswith("does not fit (host)")
+    assert rows[("replicated", "yes")].endswith("does not fit (host)")
+    assert rows[("zero3", "no")].endswith(" fits")
+    assert "fastest that fits: ZeRO-3 (backbone partitioned), activation checkpointing off" in out
+    # No --cpu-mem: this machine's memory is assumed, and said so.
+    code, out, _ = plan_output(monkeypatch, capsys, "--model", "t5-v1_1-xxl", "--gpus", "8", "--gpu-mem", "80")
+    assert code == 0
+    assert "; host memory: 23.4 GiB per node (this machine; --cpu-mem to plan for another); " in out
+    assert table(out)[("replicated", "no")].endswith("does not fit (host)")
+    assert "fastest that fits: ZeRO-3 (backbone partitioned), activation checkpointing off" in out
+    # The same figures in --json, with their source.
+    code, out, _ = plan_output(monkeypatch, capsys, "--model", "t5-v1_1-xxl", "--gpus", "8", "--json")
+    got = json.loads(out)
+    assert got["request"]["cpu_mem_gb"] == pytest.approx(23.4)
+    assert got["request"]["cpu_mem_source"] == "this machine; --cpu-mem to plan for another"
+    assert [e["fits_host"] for e in got["estimates"]][:4] == [False, True, False, True]
+    # A run that fits: one replicated Base copy on the same machine.
+    code, out, _ = plan_output(monkeypatch, capsys, "--model", "t5-v1_1-base", "--gpus", "1", "--gpu-mem", "80")
+    assert code == 0
+    assert table(out)[("replicated", "no")].endswith(" fits")
+    assert "fastest that fits: replicated bf16 backbone" in out
+    # A small machine: nothing fits in host memory, and the fix names the flag.
+    code, out, err = plan_output(monkeypatch, capsys, "--model", "t5-v1_1-xxl", "--gpus", "8", host_gib=0.5)
+    assert code == 1
+    assert "host memory: 0.5 GiB per node (this machine; --cpu-mem to plan for another)" in out
+    assert all(line.endswith("(host)") for line in table(out).values())
+    assert err.startswith("nothing fits: ")
+
+
+def xxl_run(tmp_path, *overrides):
+    """A run config for t5-v1_1-xxl (its config.json only) and its resolved DeepSpeed config."""
+    from bpt_ds import engine
+    from bpt_ds.config import load_config
+
+    d = plan.PRESETS["t5-v1_1-xxl"]
+    T5Config(d_model=d.d_model, d_ff=d.d_ff, d_kv=d.d_kv, num_heads=d.num_heads, num_layers=d.num_layers,
+             num_decoder_layers=d.num_decoder_layers, vocab_size=d.vocab_size, feed_forward_proj="gated-gelu",
+             tie_word_embeddings=False).save_pretrained(tmp_path / "xxl")
+    cfg = load_config(None, [f"model.name_or_path={tmp_path / 'xxl'}", "model.dtype=bf16",
+                             "train.global_batch_size=32", "train.micro_batch_size=4",
+                             "data.max_source_length=256", *overrides])
+    return cfg, engine.resolve_ds_config(cfg, 8), str(tmp_path / "xxl")
+
+
+def test_the_trainer_checks_host_memory_and_names_the_figure_it_assumed(tmp_path):
+    from bpt_ds.config import ConfigError
+
+    cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/replicated_bf16.json")
+    with pytest.raises(ConfigError) as e:
+        plan.check_run(cfg, ds, path, "every", 8, 8, 80 * 2**30, 80 * 2**30, "deepspeed.host_memory_gb")
+    message = str(e.value)
+    assert message.startswith("this run needs about ")
+    assert (" GiB of host memory per node (replicated, activation checkpointing off) but a node has 80.0 GiB "
+            "(deepspeed.host_memory_gb); the fastest setup that fits is ZeRO-3 (backbone partitioned): "
+            "deepspeed.config=ds_configs/zero3_bf16.json model.gradient_checkpointing=false.") in message
+    assert "host memory: 80 GiB per node (deepspeed.host_memory_gb)" in message
+    # This machine's figure by default (check_memory passes psutil's), named as such.
+    with pytest.raises(ConfigError) as e:
+        plan.check_run(cfg, ds, path, "every", 8, 8, 80 * 2**30, 23 * 2**30)
+    assert ("but a node has 23.0 GiB (this machine; deepspeed.host_memory_gb to plan for another)") in str(e.value)
+    # ZeRO-3 fits in the same 80 GiB.
+    cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/zero3_bf16.json")
+    fit = plan.check_run(cfg, ds, path, "every", 8, 8, 80 * 2**30, 80 * 2**30, "deepspeed.host_memory_gb")
+    assert fit is not None and fit.fits_host and fit.setup.name == "zero3"
+
+
+def test_on_cpu_the_ranks_of_a_node_share_its_memory(tmp_path, monkeypatch):
+    """Without a GPU the backbone's states and activations live in host memory: check_memory
+    checks what every rank of the node holds there, against this machine's memory."""
+    import psutil
+
+    from bpt_ds import engine
+    from bpt_ds.config import ConfigError
+
+    cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/zero3_bf16.json")
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(engine, "world_size", lambda: 8)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=64 * 2**30))
+    with pytest.raises(ConfigError) as e:
+        engine.check_memory(cfg, ds, path, "every")
+    one = plan.check_run(cfg, ds, path, "every", 8, 8, 80 * 2**30, 10**15)  # the same run on a GPU
+    need = (8 * one.total + one.cpu_per_node) / 2**30
+    assert str(e.value).startswith(
+        f"this run needs about {need:.1f} GiB of host memory per node (8 rank(s) x {one.total / 2**30:.2f} GiB of "
+        f"model states, activations and reserve on CPU + {one.cpu_per_node / 2**30:.2f} GiB to load; zero3, "
+        "activation checkpointing off) but a node has 64.0 GiB (this machine; deepspeed.host_memory_gb to plan "
+        "for another)")
+    # With room for it, the estimate comes back (it used to be skipped on CPU).
+    big = dict(cfg=cfg, ds_config=ds, model_path=path, placement="every")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=2**50))
+    fit = engine.check_memory(**big)
+    assert fit is not None and fit.total == one.total
+    # An explicit figure replaces this machine's, and is named.
+    cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/zero3_bf16.json", "deepspeed.host_memory_gb=48")
+    with pytest.raises(ConfigError) as e:
+        engine.check_memory(cfg, ds, path, "every")
+    assert "but a node has 48.0 GiB (deepspeed.host_memory_gb); " in str(e.value)
+
+
 def test_the_trainer_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_backbone_path, tmp_path):
     from test_cli import run_cli
 
@@ -202,3 +326,30 @@ def test_the_trainer_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_b
     assert proc.returncode == 2
     assert ("but a device has 0.01 GiB; no setup fits: lower train.micro_batch_size (gradient accumulation keeps "
             "the global batch), data.max_source_length or prompt.length, or use more GPUs.") in proc.stderr
+
+
+def test_zero3_states_count_the_backbone_deepspeed_keeps_gathered():
+    """From its second step DeepSpeed ZeRO-3 keeps a frozen backbone gathered from the forward
+    to the backward pass (tests/test_large.py measures it), up to stage3_max_live_parameters +
+    2 x the prefetch bucket; DeepSpeed's estimator counts only 4 bytes x the largest layer."""
+    assert plan.zero3_gathered_params({}) == 10 ** 9 + 2 * 5 * 10 ** 7  # DeepSpeed's defaults
+    assert plan.zero3_gathered_params({"stage3_max_live_parameters": 10 ** 8, "stage3_prefetch_bucket_size": "auto"}) \
+        == 10 ** 8 + 10 ** 8
+    prompt = 2 * 8 * 768
+    total, largest = plan.param_counts(plan.PRESETS["t5-v1_1-base"])
+    _, zero3 = plan.model_states(total + prompt, largest, prompt, num_gpus_per_node=2, zero=3,
+                                 gathered_params=plan.zero3_gathered_params({}))
+    assert zero3 == 2 * (total + prompt) + (2 * total + 18 * prompt) // 2  # the whole backbone, gathered
+    # Measured on 2 CPU ranks (bench/RESULTS.md): 219,958,272 values gathered at once in step 2
+    # (all but the embedding and lm_head), on top of the rank's partition; the estimate covers
+    # that within 1.5x.
+    gathered = zero3 - (2 * total + 18 * prompt) // 2
+    assert 2 * 219_958_272 <= gathered <= 1.5 * 2 * 219_958_272
+    # T5-XL (2.85B values) under the 1e9 default: 1.1e9 of them, 2.2 GB in bf16, on every rank.
+    total, largest = plan.param_counts(plan.PRESETS["t5-v1_1-xl"])
+    _, xl = plan.model_states(total, largest, 0, num_gpus_per_node=2, zero=3, gathered_params=plan.zero3_gathered_params({}))
+    assert xl == 2 * 1_100_000_000 + total
+    # The CLI reads the numbers from the setup's ds_configs/ template.
+    req = plan.Request(plan.PRESETS["t5-v1_1-base"], gpus=2, batch=1, seq=64, prompt_length=8, particles=2)
+    est = plan.estimate(req, plan.SETUPS[1])
+    assert est.setup.name == "zero3" and est.states == zero3

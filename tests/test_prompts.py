@@ -83,7 +83,7 @@ def test_per_example_loss_ignores_padding():
     labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
     loss = per_example_loss(logits, labels)
     lp = torch.log_softmax(logits, -1)
-    expected = torch.stack([-(lp[0, 0, 1] + lp[0, 1, 2]) / 2, -lp[1, 0, 3]])
+    expected = torch.stack([-(lp[0, 0, 1] + lp[0, 1, 2]), -lp[1, 0, 3]])  # summed over target tokens
     torch.testing.assert_close(loss, expected)
 
 
@@ -119,7 +119,7 @@ def test_all_particles_in_one_pass_match_one_pass_per_particle(tiny_backbone_pat
     loss_mean = PromptedT5(backbone, single)(**batch)[0].mean(0, keepdim=True)
     torch.testing.assert_close(model.score_candidates(batch["input_ids"], batch["attention_mask"],
                                                       batch["task_ids"], cands), scores)
-    per_ex = -torch.stack([scores[0, 0], scores[1, 1]]) / 2  # two target tokens each
+    per_ex = -torch.stack([scores[0, 0], scores[1, 1]])  # a row's loss: -log p(y | x), summed over tokens
     torch.testing.assert_close(per_ex.mean(), loss_mean[0], rtol=1e-5, atol=1e-6)
 
 

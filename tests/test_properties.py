@@ -117,6 +117,44 @@ def test_any_data_file_gives_rows_or_an_error_naming_the_file(tmp_path, tokenize
     assert all(len(ids) <= 64 for ids in encoded.inputs)  # very long rows are cut, not fatal
 
 
+@settings(max_examples=40, **SETTINGS)
+@given(rows=st.lists(GOOD_ROW, min_size=1, max_size=8), data=st.data(), fmt=st.sampled_from(["jsonl", "csv"]),
+       fault=st.sampled_from(["latin-1", "cut"]), blank=st.booleans())
+def test_a_non_utf8_byte_or_a_cut_off_last_row_is_named_by_its_row(tmp_path, rows, data, fmt, fault, blank):
+    """The row a DataError names is the row that holds the Latin-1 byte, or the cut-off last row."""
+    bad = data.draw(st.integers(0, len(rows) - 1)) if fault == "latin-1" else len(rows) - 1
+    if fmt == "jsonl":
+        lines = [json.dumps({"input": r["input"], "target": r["target"]}).encode() for r in rows]
+        head = b'{"input": "'
+    else:
+        quoted = lambda text: '"' + text.replace('"', '""') + '"'  # noqa: E731  (CSV's quoting)
+        lines = [b"input,target"] + [(quoted(r["input"]) + "," + r["target"]).encode() for r in rows]
+        head = b'"'
+    rows_at = [k + (fmt == "csv") for k in range(len(rows))]  # 0-based line of each row
+    i = rows_at[bad]
+    if fault == "latin-1":
+        lines[i] = lines[i][:len(head)] + b"\xe9" + lines[i][len(head):]  # inside the input text
+    if blank:  # a blank line after the first (or before a lone JSON row): not a row
+        at = 1 if len(lines) > 1 else 0
+        lines.insert(at, b"")
+        rows_at = [k + (k >= at) for k in rows_at]
+    text = b"\n".join(lines) + b"\n"
+    starts = [sum(len(x) + 1 for x in lines[:k]) for k in rows_at]  # where each row starts in text
+    line = text[:starts[bad]].count(b"\n") + 1  # (a CSV field may hold a newline)
+    if fault == "cut":  # inside the last row's input text (CSV: an unclosed quote)
+        text = text[:starts[-1] + len(head)]
+    path = tmp_path / f"{uuid.uuid4().hex}.{fmt}"
+    path.write_bytes(text)
+    cfg = DataConfig(tasks=["mine"], local={"mine": LocalTaskConfig(train=str(path))})
+    with pytest.raises(DataError) as e:
+        load_task("mine", cfg, seed=0)
+    where = f"row {bad + 1}" if line == bad + 1 else f"row {bad + 1} (line {line})"
+    assert str(e.value).startswith(f"data.local.mine.train: '{path}', {where}: "), str(e.value)
+    assert {("jsonl", "latin-1"): "byte 12 of the line (0xe9) is not UTF-8", ("jsonl", "cut"): "not valid JSON",
+            ("csv", "latin-1"): "byte 2 of the line (0xe9) is not UTF-8", ("csv", "cut"): "is never closed",
+            }[fmt, fault] in str(e.value)
+
+
 @settings(max_examples=10, **SETTINGS)
 @given(st.sampled_from(["missing.jsonl", "empty.jsonl", "empty.csv", "data.txt", "dir.jsonl"]))
 def test_missing_empty_and_unreadable_files(tmp_path, name):

@@ -8,9 +8,12 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -160,8 +163,12 @@ def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_message(tiny_ba
     rather than rank 0 waiting in the next collective."""
     os.environ["BPT_DS_FAULTS"] = json.dumps({"no_space_at_start": ["1"]})
     try:
+        # run_ds's own time limit (600 s): the job takes ~1 min on an idle machine and ~3 on a loaded
+        # 2-core one, where 300 s was too close. A rank left waiting in the next collective would wait
+        # deepspeed.timeout_minutes (30) and still run into it. Its own master port: a job of another
+        # test on the default port would make this one fail with "address already in use".
         proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), f"output_dir={tmp_path / 'run'}", "train.steps=2",
-                      cache=Path(tiny_backbone_path).parent, timeout=300)
+                      cache=Path(tiny_backbone_path).parent, port=29782)
     finally:
         del os.environ["BPT_DS_FAULTS"]
     assert proc.returncode == 2
@@ -234,8 +241,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
             "data.max_eval_examples=16"]
     cache = Path(tiny_backbone_path).parent
     os.environ["BPT_DS_FAULTS"] = json.dumps(faults)
-    try:
-        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache)
+    try:  # (its own master port, as above)
+        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache, port=29781)
     finally:
         del os.environ["BPT_DS_FAULTS"]
     assert proc.returncode == 4
@@ -278,7 +285,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     shard = root / "step00000007" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])
     # (faults.py refuses torch.load without weights_only=True: the resume proves how it loads.)
-    again = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache)
+    again = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache, port=29781)
     assert again.returncode == 0
     assert (f"[bpt_ds] warning: checkpoint {root}/step00000007 is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt "
             "has 100 bytes, the manifest says ") in again.stderr
@@ -287,3 +294,61 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/skipped_steps")][-1] == (10, 2)  # steps 3 and 5
+
+
+def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone_path, tmp_path):
+    """`python launch/train.py`, SIGINT (Ctrl-C) mid-run, long before the first train.save_every:
+    the run saves a checkpoint at the next step boundary, says it got SIGINT, exits with 130 and
+    no traceback; the rerun resumes from that step. TensorBoard then holds every step once, also
+    after a restart from step 0 (a run that ended without a checkpoint)."""
+    cache = Path(tiny_backbone_path).parent
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "train.save_every=100", "train.eval_every=0", "train.log_every=1",
+            "prompt.length=4", "train.global_batch_size=8", "data.max_eval_examples=8"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as sink:
+        job = subprocess.Popen([sys.executable, TRAIN, *args, "train.steps=400"], env=ds_env(cache, 1), cwd=ROOT,
+                               stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and job.poll() is None:
+                steps = [int(n) for n in re.findall(r"\| *(\d+)/400", log.read_text())]  # the progress bar
+                if steps and max(steps) >= 3:
+                    break
+                time.sleep(0.1)
+            job.send_signal(signal.SIGINT)
+            rc = job.wait(timeout=120)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert ("[bpt_ds] rank 0: SIGINT received; a checkpoint will be saved at the next step boundary, then the run "
+            "stops (Ctrl-C again stops at once, without saving)") in text
+    stop = re.search(r"\[bpt_ds\] stopped at step (\d+) on SIGINT after saving checkpoint (\S+); run the same "
+                     r"command again to resume from it \(train.resume=auto\)", text)
+    assert stop, text[-3000:]
+    assert "Traceback" not in text
+    step = int(stop.group(1))
+    assert stop.group(2) == str(out / "checkpoints" / f"step{step:08d}")
+    assert (out / "checkpoints" / "latest").read_text() == f"step{step:08d}"
+
+    def loss_steps() -> list[int]:
+        acc = EventAccumulator(str(out / "tb"))
+        acc.Reload()
+        return [e.step for e in acc.Scalars("train/loss")]
+
+    resumed = subprocess.run([sys.executable, TRAIN, *args, f"train.steps={step + 2}"], env=ds_env(cache, 1),
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[bpt_ds] resumed from step {step} " in resumed.stdout
+    assert loss_steps() == list(range(1, step + 3))
+
+    # Without a checkpoint (a crash before the first save) the rerun starts at step 0: the
+    # earlier run's steps are hidden, not shown twice.
+    shutil.rmtree(out / "checkpoints")
+    fresh = subprocess.run([sys.executable, TRAIN, *args, "train.steps=2"], env=ds_env(cache, 1), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resumed from" not in fresh.stdout
+    assert loss_steps() == [1, 2]

@@ -24,14 +24,18 @@ def file_args(files: dict, tasks) -> list[str]:
 
 
 def test_generation_is_scored_the_same_on_one_and_two_ranks(cache, tmp_path):
+    """With 2 particles generation scores their posterior predictive (each particle's greedy output
+    scored under both, the more probable on average wins: PromptedT5.generate), as classification
+    does, and gives the same predictions on 1 and 2 ranks under ZeRO-3."""
     files = write_suite(tmp_path / "data", train=24, validation=13)
     evals = ["data.eval_tasks=[polarity, squad, rte]", "data.eval_mode=generate", "data.max_new_tokens=6",
              "data.max_eval_examples=63", "model.dtype=fp32", "train.global_batch_size=16",
-             "train.micro_batch_size=8", *file_args(files, ["squad", "rte"])]
+             "train.micro_batch_size=8", "prompt.particles=2", *file_args(files, ["squad", "rte"])]
     one = tmp_path / "one"
     proc = run_ds(1, TRAIN, f"output_dir={one}", "train.steps=80", "train.eval_every=0", "train.lr=0.3", *evals,
-                  cache=cache)
+                  cache=cache, port=29740)
     assert proc.returncode == 0
+    assert "step 80 dev (posterior predictive over 2 particles): polarity accuracy" in proc.stdout
     first = json.loads((one / "metrics.json").read_text())["final"]["dev"]
     # Decoding the trained prompt's output gives the label words: generation works end to end.
     assert first["polarity"]["accuracy"] >= 0.9
@@ -44,12 +48,14 @@ def test_generation_is_scored_the_same_on_one_and_two_ranks(cache, tmp_path):
     assert f"({rte['invalid']} of 7 predictions invalid)" in proc.stdout
     assert set(first["squad"]) == {"squad_f1", "squad_em", "score", "examples", "invalid"}
 
-    # The same prompt scored on 2 ranks (stage spot from it, one step at lr 1e-9): generate() runs
-    # with synced_gpus under ZeRO-3 and each example is predicted exactly once (63 and 13 are odd).
+    # The same particles scored on 2 ranks (stage spot from them, one step at lr 1e-9): generate()
+    # runs with synced_gpus under ZeRO-3, the candidates are scored on the rank that generated
+    # them, and each example is predicted exactly once (63 and 13 are odd).
     two = tmp_path / "two"
     proc = run_ds(2, TRAIN, f"output_dir={two}", "stage=spot", f"prompt.init_file={one}", "train.steps=1",
-                  "train.lr=1e-9", "train.eval_every=1", *evals, cache=cache)
+                  "train.lr=1e-9", "train.eval_every=1", *evals, cache=cache, port=29741)
     assert proc.returncode == 0
+    assert "step 1 dev (posterior predictive over 2 particles): polarity accuracy" in proc.stdout
     second = json.loads((two / "metrics.json").read_text())
     assert second["final"]["dev"] == first
     assert second["selected"]["test"]["squad"]["examples"] == 13

@@ -6,6 +6,9 @@ every task has its kind, verbalized labels, metrics and train / dev ("validation
 """
 from __future__ import annotations
 
+import codecs
+import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +124,7 @@ def _suite_rows(spec, split: str, cfg: DataConfig) -> list[dict]:
                 f"task {spec.name}: could not load {where} with datasets.load_dataset: {e}. Without network, "
                 f"give local files in the hub's columns (data.files.{spec.name}.<split>) or a local copy "
                 f"of the dataset (data.datasets_dir)") from None
+        check_utf8(ds, where)
     missing = [c for c in spec.columns if c not in ds.column_names]
     if missing:
         raise DataError(f"{where} has no column {', '.join(repr(c) for c in missing)}, which task {spec.name} "
@@ -166,9 +170,205 @@ def _read_file(path: str, key: str):
     if fmt is None:
         raise DataError(f"{key}: cannot read '{path}': use one of the suffixes {', '.join(FILE_FORMATS)}")
     try:
-        return datasets.load_dataset(fmt, data_files=str(p), split="train")
+        ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
     except Exception as e:  # datasets raises many types for unparsable files
-        raise DataError(f"{key}: '{path}' is not a readable {fmt} file: {e}") from None
+        # Find the row ourselves: datasets' message has none (or a 0-based one within a block).
+        problem = find_bad_row(p, fmt)
+        if problem:
+            raise DataError(f"{key}: '{path}', {problem}") from None
+        raise DataError(f"{key}: '{path}' is not a readable {fmt} file: {_root_cause(e)}") from None
+    check_utf8(ds, f"{key}: '{path}'", lambda: find_bad_row(p, fmt))
+    return ds
+
+
+# ------------------------------------------------------------ rows that do not load
+# Only called once a file failed to load (or loaded with bytes that are not UTF-8): they read it
+# again in Python to name the first bad row. Rows count as `datasets` counts them (JSON Lines:
+# objects, blank lines skipped; CSV: records after the header); the line is added when it differs.
+
+_NOT_UTF8 = "is not UTF-8 text; save the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
+
+
+def _root_cause(e: BaseException) -> str:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return str(e) or type(e).__name__
+
+
+def _at(row: int, line: int) -> str:
+    return f"row {row}" if row == line else f"row {row} (line {line})"
+
+
+def _bad_byte(line: bytes, at: int) -> str:
+    return f"byte {at + 1} of the line (0x{line[at]:02x}) {_NOT_UTF8}"
+
+
+def find_bad_row(path: Path, fmt: str) -> str | None:
+    """'row N: what is wrong' for the first row of a JSON/JSONL or CSV file that cannot be read
+    (bytes that are not UTF-8, broken or cut-off JSON, an unclosed quote), or None."""
+    try:
+        if fmt == "json":
+            return _bad_json_row(path)
+        if fmt == "csv":
+            return _bad_csv_row(path)
+    except OSError:
+        pass
+    return None
+
+
+def _lines(f):
+    """(1-based line number, bytes) of a binary file, without a UTF-8 byte order mark."""
+    for number, raw in enumerate(f, 1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        yield number, raw
+
+
+def _bad_json_row(path: Path) -> str | None:
+    decoder = json.JSONDecoder()
+    kinds = {list: "array", str: "string", bool: "true/false", type(None): "null", int: "number", float: "number"}
+    row = 0
+    with open(path, "rb") as f:
+        for number, raw in _lines(f):
+            if row == 0 and raw.strip():
+                if not raw.lstrip().startswith(b"{"):
+                    return _bad_json_document(path)
+                try:
+                    _values(decoder, raw.decode("utf-8", "replace"))
+                except json.JSONDecodeError:
+                    # An object over several lines: a JSON document. A first row that is broken
+                    # or cut off on its own line fails on that line either way: a row.
+                    if _document_error_line(path) != number:
+                        return _bad_json_document(path)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{_at(row + 1, number)}: {_bad_byte(raw, e.start)}"
+            try:
+                values = _values(decoder, text)
+            except json.JSONDecodeError as e:
+                done = not raw.endswith(b"\n")  # the last line, cut off before its newline
+                return (f"{_at(row + 1, number)}: not valid JSON ({_json_error(e)}); " +
+                        ("the file ends inside this row: was it cut off? Fix or remove the row" if done else
+                         "each line of a JSON Lines file is one JSON object: fix or remove the row"))
+            for value in values:
+                row += 1
+                if not isinstance(value, dict):
+                    return (f"{_at(row, number)}: a JSON {kinds.get(type(value), 'value')} "
+                            'where an object {"column": value, ...} was expected; fix or remove the row')
+    return None
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} character {e.colno}"  # "Unterminated string starting at"
+
+
+def _values(decoder: json.JSONDecoder, text: str) -> list:
+    """The JSON values on one line (pyarrow reads `{...} {...}` as two rows)."""
+    out, pos = [], 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return out
+        value, pos = decoder.raw_decode(text, pos)
+        out.append(value)
+
+
+def _document_error_line(path: Path) -> int | None:
+    """The line where the whole file, read as one JSON document, stops being valid (None: it is valid)."""
+    text = path.read_bytes().decode("utf-8", "replace").removeprefix("\ufeff")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.lineno
+    return None
+
+
+def _bad_json_document(path: Path) -> str | None:
+    """A .json file that holds one JSON document (an array of rows): the line of its problem."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"line {line}: {_bad_byte(raw[start:], e.start - start)}"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = " (the file ends there: was it cut off?)" if e.pos >= len(text.rstrip()) else ""
+        return f"line {e.lineno}: not valid JSON ({_json_error(e)}){cut}"
+    return None
+
+
+def _bad_csv_row(path: Path) -> str | None:
+    bad: dict[int, str] = {}
+
+    def text_lines(f):
+        for number, raw in _lines(f):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.setdefault(number, _bad_byte(raw, e.start))
+                yield raw.decode("utf-8", "replace")
+
+    with open(path, "rb") as f:
+        reader = csv.reader(text_lines(f), strict=True)
+        header, row, start = None, 0, 1  # start: the first line of the record being read
+        try:
+            for record in reader:
+                hit = [n for n in bad if start <= n <= reader.line_num]
+                if record:  # a blank line is no row (pandas skips it)
+                    row += header is not None
+                    if hit:
+                        where = _at(row, hit[0]) if header is not None else f"the header (line {hit[0]})"
+                        return f"{where}: {bad[hit[0]]}"
+                    if header is None:
+                        header = record
+                    elif len(record) > len(header):
+                        return (f"{_at(row, start)}: {len(record)} fields, the header has {len(header)}; quote a "
+                                'field that holds a comma ("a, b")')
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if "end of data" in str(e):  # strict: EOF inside a quoted field
+                where = _at(row + 1, start) if header is not None else f"the header (line {start})"
+                return (f"{where}: a quoted field starting here is never closed; the file ends inside it: "
+                        "was it cut off?")
+    return None
+
+
+def check_utf8(ds, where: str, locate=None) -> None:
+    """pyarrow keeps whatever bytes a JSON or Parquet file holds; a string that is not UTF-8
+    only fails when its row is read, deep in a loop. Checked here (one pass in C++), and named."""
+    import pyarrow as pa
+
+    table = ds.data.table
+    try:
+        table.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    problem = locate() if locate else None
+    if problem is None:
+        for name in table.column_names:
+            column = table.column(name)
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                continue
+            binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+            for i, value in enumerate(column.cast(binary).to_pylist()):
+                try:
+                    if value is not None:
+                        value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    problem = (f"row {i + 1}: column '{name}' holds byte 0x{value[e.start]:02x} (byte {e.start + 1} "
+                               "of the value), which is not UTF-8 text; write the column as UTF-8")
+                    break
+            if problem:
+                break
+    raise DataError(f"{where}, {problem or 'a column holds bytes that are not UTF-8 text; save the file as UTF-8'}")
 
 
 def _load_local(name: str, spec: LocalTaskConfig) -> TaskData:

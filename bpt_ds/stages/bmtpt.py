@@ -2,7 +2,11 @@
 
 Stage `bmtpt-source`: M particles of the base prompt S move along SVGD's direction for
     log p(θ | D) = log N(θ; 0, σ₀² I) [svgd.prior_std] - scale · L(θ; B) [svgd.likelihood_scale]
-where L is the mean loss over the particle's block of the multitask global batch. Particles
+where L(θ; B) = (1/|B|) Σ_{(x,y) ∈ B} -log p(y | x; θ), each example's token NLL summed over
+its target tokens, averaged over the particle's block B of the multitask global batch
+(loss_unit "example"; the other stages average over target tokens instead): with scale = N,
+the number of training examples, scale · L estimates -Σ_n log p(y_n | x_n; θ), and a label of
+4 tokens counts as fully as one of 2. Particles
 are placed over ranks (engine.Placement, mode "split"); DeepSpeed reduces every particle's
 gradient over the ranks, and the engine's gradient hook, after that reduction and before
 the optimizer, turns the full gradient matrix G into -φ on every rank alike:
@@ -32,9 +36,10 @@ log = logging.getLogger(__name__)
 
 class BMTPTSource(PromptTuning):
     placement_mode = "split"
-    # The posterior's prediction: probabilities averaged over the particles (on the tiny
-    # backbone the particles sit in different modes and their mean prompt predicts poorly).
-    eval_ensemble = True
+    # G_m: the gradient of the mean over particle m's block of each example's summed token NLL.
+    loss_unit = "example"
+    # Evaluation scores the posterior predictive (PromptTuning.eval_ensemble; on the tiny backbone
+    # the particles sit in different modes and their mean prompt predicts poorly).
 
     def after_init(self, bank) -> None:
         s = self.cfg.svgd
@@ -51,8 +56,9 @@ class BMTPTSource(PromptTuning):
     def check_inputs(self, bank) -> None:
         s = self.cfg.svgd
         if s.likelihood_scale is None:
-            # Σ_k N_k: the sampler mixes tasks in proportion to their sizes, so the mean loss
-            # of a batch times the total count estimates Σ_k N_k · L_k.
+            # Σ_k N_k: the sampler mixes tasks in proportion to their sizes, so the mean over a
+            # block of each example's summed token NLL times the total count estimates the
+            # data's negative log-likelihood, -Σ_n log p(y_n | x_n).
             self.scale = float(sum(len(self.raw[n].train) for n in self.cfg.data.tasks))
         else:
             self.scale = float(s.likelihood_scale)

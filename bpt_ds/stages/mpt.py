@@ -4,7 +4,8 @@ distilled from them; the `target` stage (bmtpt.Target) adapts the shared prompt.
 Stage `mpt-teachers`: one prompt per source task by vanilla prompt tuning, all K in one run as
 K particles: particle k is task k's teacher and owns block k of the global batch, drawn from
 task k (engine.Placement "split", TaskBlockSampler), so each teacher's gradient is that of its
-own task's mean loss, whatever the ranks, and each is clipped by its own norm
+own task's loss (token cross-entropy averaged over its block's target tokens), whatever the
+ranks, and each is clipped by its own norm
 (train.max_grad_norm, in the gradient hook; DeepSpeed's joint clipping is off), so a teacher
 trains as it would alone. A rank runs its teachers in one forward pass; each task is
 evaluated under its own teacher. prompts.safetensors holds `teacher.<task>` [l, d] per
@@ -12,9 +13,10 @@ task (and `particles` [K, l, d] in data.tasks order).
 
 Stage `mpt-distill`: a shared S and per-task U_k [l, r], V_k [r, d] (prompt.factors.rank,
 default 1); the student S ∘ (U_k V_k) learns L_PLM + λ (L_logits + L_hidden) from teacher k
-(model.DistilledT5). Each step draws K' from [distill.min_tasks, K] and K' tasks
-(TaskSubsetSampler). TensorBoard: train/plm, train/logits_kl, train/hidden_mse, overall and
-per task.
+(model.DistilledT5), averaged over the global batch's target tokens; the teacher pass runs in
+evaluation mode (no dropout), the student's in training mode. Each step draws K' from
+[distill.min_tasks, K] and K' tasks (TaskSubsetSampler). TensorBoard: train/plm,
+train/logits_kl, train/hidden_mse (per target token), overall and per task.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def check_teacher_world(cfg, world: int) -> None:
 
 class MPTTeachers(PromptTuning):
     placement_mode = "split"
+    # The K particles are K tasks' teachers, not samples of one posterior: each task is scored
+    # under its own teacher (bank.task_particles), never their ensemble.
+    eval_ensemble = False
 
     @classmethod
     def placement_for(cls, cfg, world: int):

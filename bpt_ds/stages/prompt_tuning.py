@@ -87,6 +87,25 @@ def input_digests(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def schedule_note(t, saved_steps: Optional[int], step: int, before: float, after: float) -> Optional[str]:
+    """What a resume at `step` with train.steps other than the checkpoint's (`saved_steps`; None in
+    checkpoints that do not record it) does to the LR: the schedule is rebuilt over the new
+    train.steps, so the run goes on as a run of that many steps would from this step (the LR
+    going from `before`, the old schedule's, to `after`). None when nothing changes."""
+    if step >= t.steps or t.schedule == "constant":
+        return None
+    if saved_steps is None and before == after:
+        return None
+    if saved_steps is not None and saved_steps == t.steps:
+        return None
+    what = (f"train.steps {saved_steps} -> {t.steps}: the {t.schedule} learning-rate schedule is rebuilt over "
+            f"{t.steps} steps" if saved_steps is not None else
+            f"the {t.schedule} learning-rate schedule is rebuilt over train.steps={t.steps} (the checkpoint does not "
+            "record the total it was written under)")
+    lr = (f"goes from {before:.4g} to {after:.4g}" if before != after else f"stays {after:.4g}")
+    return f"{what}; the LR at step {step} {lr} (as in a run of {t.steps} steps) and follows that schedule from there"
+
+
 def finished(cfg: RunConfig) -> Optional[str]:
     """What output_dir holds for this config (see finish): "done" (finished outputs of this
     config and these input files), "other" (finished outputs of another config or other inputs),
@@ -108,8 +127,15 @@ class PromptTuning:
     # "every": each particle sees the whole global batch (independent prompts);
     # "split": particle m owns block m of the global batch (SVGD; Placement explains).
     placement_mode = "every"
-    # Evaluate with the particles' posterior predictive (True) or the particle-mean prompt.
-    eval_ensemble = False
+    # The loss a particle minimizes over its share of the global batch: "token", the summed token
+    # cross-entropy over its target tokens (Hugging Face's and peft's mean token loss), or
+    # "example", each example's summed token NLL averaged over its examples (SVGD's likelihood).
+    loss_unit = "token"
+    # What evaluation scores when the bank holds M > 1 particles (README, "What evaluation scores"):
+    # True, the particles' posterior predictive (1/M) Σ_m p_m(y | x), for rank classification and
+    # generation alike; False (mpt-teachers), the bank's aggregate prompt of each example, there its
+    # task's own teacher. With M = 1 it is the prompt itself either way.
+    eval_ensemble = True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -141,9 +167,6 @@ class PromptTuning:
         self.placement = self.placement_for(cfg, self.world)
         # Every rank writes checkpoint shards: an output_dir it cannot write fails now, not at step save_every.
         eng.on_every_rank(lambda: eng.check_writable(self.out))
-        if self.is_main:
-            # Outputs of an earlier, finished run are no longer this directory's final word.
-            (self.out / DONE_FILE).unlink(missing_ok=True)
 
         # Data and the init file first: bad input fails before the backbone is loaded.
         train_names = cfg.data.tasks
@@ -173,8 +196,10 @@ class PromptTuning:
         self.init_tensors = init_tensors = (load_prompts_file(cfg.prompt.init_file)
                                             if cfg.prompt.init == "file" else None)
 
-        # The checkpoint to resume from, checked (manifest, number of ranks) before the backbone loads.
-        self.resume_tag = eng.pick_checkpoint(eng.checkpoint_dir(cfg)) if cfg.train.resume == "auto" else None
+        # The checkpoint to resume from, checked (manifest, number of ranks, the config it was
+        # written under) before the backbone loads.
+        self.resume_tag = (eng.pick_checkpoint(eng.checkpoint_dir(cfg), check=self._check_same_config)
+                           if cfg.train.resume == "auto" else None)
 
         model_path = resolve_model_path(cfg.model.name_or_path, progress=self.is_main)
         # A run that cannot fit in device memory is refused before the weights load.
@@ -247,15 +272,27 @@ class PromptTuning:
             self.bad_total = int(state.get("bad_total", 0))
             self.checkpoint = str(self.engine.checkpoint_dir() / state["checkpoint"])
             self._info(f"resumed from step {self.step} ({self.checkpoint})")
+            # The LR schedule is this run's (over its train.steps), also for the first resumed
+            # step; said when that differs from the one the checkpoint was written under.
+            note = schedule_note(cfg.train, state.get("schedule_steps"), self.step, *self.engine.follow_schedule())
+            if note:
+                self._info(note)
         elif cfg.train.resume == "never" and (moved := self.engine.set_aside_checkpoints()) is not None:
             self._info(f"train.resume=never: earlier checkpoints moved to {moved}")
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
+            # Every check has passed and the run continues here: the outputs of an earlier,
+            # finished run are no longer this directory's final word (finish writes it anew).
+            # A refused command never gets here, so it leaves done.json and the outputs as they were.
+            (self.out / DONE_FILE).unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
             eng.atomic_write(self.out / "config.yaml", lambda f: f.write_text(to_yaml(cfg)))
             eng.atomic_write(self.out / "ds_config.json", lambda f: f.write_text(json.dumps(ds_config, indent=2)))
-            self.writer = SummaryWriter(str(self.out / "tb"))
+            # purge_step: TensorBoard hides what earlier runs in this directory logged from this
+            # run's first step on (steps after the checkpoint it resumes, or every step when it
+            # starts at 0), so a restart shows no step twice.
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.resume_tag else 0)
             self.writer.add_text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.step)
             accum = ds_config["gradient_accumulation_steps"]
             self._info(
@@ -267,8 +304,10 @@ class PromptTuning:
         self.prepare()
 
     def _check_same_config(self, saved: Optional[dict]) -> None:
-        """A checkpoint continues only the computation that wrote it (checkpoints from before
-        this check carry no config and are trusted)."""
+        """A checkpoint continues only the computation that wrote it. `saved`: the fingerprint in
+        its manifest.json (pick_checkpoint, before the backbone loads) or, for checkpoints from
+        before manifests carried it, in its client state (after loading). Checkpoints from before
+        this check carry none and are trusted."""
         if saved is None:
             return
         now = config_fingerprint(self.cfg)
@@ -276,7 +315,7 @@ class PromptTuning:
         if changed:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
             raise ConfigError(
-                f"the checkpoint in {self.engine.checkpoint_dir()} was written with a different config "
+                f"the checkpoint in {eng.checkpoint_dir(self.cfg)} was written with a different config "
                 f"({shown}{', ...' if len(changed) > 6 else ''}); resuming would mix two runs. Use "
                 "train.resume=never to start over (the old checkpoints are kept aside), or a new output_dir. "
                 f"A resume may change only {', '.join(sorted(RESUME_FREE))}")
@@ -354,16 +393,28 @@ class PromptTuning:
 
     # ------------------------------------------------------------------ train
     def batches_at(self, step: int) -> tuple[list, list[dict]]:
-        """The global batch of a step (task, example) and this rank's micro-batches of it."""
+        """The global batch of a step (task, example) and this rank's micro-batches of it.
+
+        Each micro-batch carries `loss_units` (each row's target tokens, or 1 under
+        loss_unit "example") and `loss_denominator` (the units of the row's particle in the
+        whole global batch, the same on every rank), which engine.row_weights turns into row
+        weights: exact per-token or per-example means on any ranks and micro-batches."""
         picks = self.sampler.global_batch_at(step)
         lo, hi = self.placement.rank_rows(self.rank)
         row_particles = self.placement.row_particles(self.rank)
+        if self.loss_unit == "token":
+            units = torch.tensor([len(self.train_tasks[k].targets[i]) for k, i in picks], dtype=torch.long)
+        else:
+            units = torch.ones(len(picks), dtype=torch.long)
+        denominators = self.placement.particle_denominators(units)
         mine = picks[lo:hi]
         micro = []
         for i in range(0, len(mine), self.micro):
             mb = collate(self.train_tasks, mine[i:i + self.micro], self.pad_id)
             if row_particles is not None:
                 mb["particle_ids"] = row_particles[i:i + self.micro]
+            mb["loss_units"] = units[lo + i:lo + i + self.micro]
+            mb["loss_denominator"] = denominators[lo + i:lo + i + self.micro]
             micro.append(mb)
         return picks, micro
 
@@ -415,14 +466,16 @@ class PromptTuning:
             if self.stopped:
                 self._info(f"early stop at step {self.step}: no gain in {t.patience} evaluations")
             if self.engine.stop_requested:
-                # A rank got SIGTERM; all ranks learned it in the same step's all-reduce.
+                # A rank got SIGTERM or SIGINT; all ranks learned it (and which) in the same step's all-reduce.
+                name = eng.signal_name(self.engine.stop_signal)
                 if not saved and not self._save_checkpoint():
-                    raise eng.SaveError(f"asked to stop (SIGTERM) at step {self.step}, but there was no room for a "
+                    raise eng.SaveError(f"asked to stop ({name}) at step {self.step}, but there was no room for a "
                                         f"checkpoint (see the warning above); the newest checkpoint is "
                                         f"{self.checkpoint or 'none: a rerun starts over'}")
                 bar.close()
-                raise eng.Preempted(f"stopped at step {self.step} on SIGTERM after saving checkpoint {self.checkpoint}; "
-                                    "run the same command again to resume from it (train.resume=auto)")
+                raise eng.Preempted(f"stopped at step {self.step} on {name} after saving checkpoint {self.checkpoint}; "
+                                    "run the same command again to resume from it (train.resume=auto)",
+                                    self.engine.stop_signal)
         bar.close()
 
     def _save_checkpoint(self) -> bool:
@@ -431,7 +484,9 @@ class PromptTuning:
         path = self.engine.save_checkpoint(self.step, {
             "step": self.step, "best": self.best, "stopped": self.stopped, "selected": self.selected,
             "evals_without_gain": self.evals_without_gain, "bad_in_row": self.bad_in_row,
-            "bad_total": self.bad_total, "config": config_fingerprint(self.cfg)})
+            "bad_total": self.bad_total, "config": config_fingerprint(self.cfg),
+            # The total the LR schedule runs over: a resume with another train.steps says what changes.
+            "schedule_steps": self.cfg.train.steps})
         if path is not None:
             self.checkpoint = str(path)
         return path is not None
@@ -496,8 +551,15 @@ class PromptTuning:
 
     @property
     def _ensemble(self) -> bool:
-        """Rank classification scores the particles' posterior predictive (not their mean prompt)."""
+        """Evaluation scores the particles' posterior predictive: M > 1 and the stage's rule says so."""
         return self.eval_ensemble and self.cfg.prompt.particles > 1
+
+    @property
+    def _scored(self) -> str:
+        """What an evaluation scores, in words (the log line says it)."""
+        if self._ensemble:
+            return f"posterior predictive over {self.cfg.prompt.particles} particles"
+        return "each task under its own teacher prompt" if self.cfg.prompt.particles > 1 else "prompt"
 
     def _scores(self, tasks) -> dict[str, dict]:
         """Every task's metrics (bpt_ds.metrics) on the given split's encoded tasks."""
@@ -528,8 +590,7 @@ class PromptTuning:
             f"{task} " + " ".join(f"{k} {x:.4f}" for k, x in v.items() if k not in ("score", "examples", "invalid"))
             + (f" ({v['invalid']} of {v['examples']} predictions invalid)" if v["invalid"] else "")
             for task, v in metrics.items())
-        how = " (posterior predictive over the particles)" if self._ensemble and self.cfg.data.eval_mode == "rank" else ""
-        tqdm.write(f"[bpt_ds] step {self.step} {split}{how}: {summary}")
+        tqdm.write(f"[bpt_ds] step {self.step} {split} ({self._scored}): {summary}")
 
     def _evaluate(self) -> bool:
         """Scores the dev set; when its mean task score improves, also the test set (the reported
