@@ -256,7 +256,8 @@ def main(argv=None) -> int:
                 for mb in micro:
                     if padded:
                         mb = pad_to(mb, args.seq, args.target_len, stage.pad_id)
-                    mb = {k: v.to(peft_engine.device) for k, v in mb.items() if k != "task_ids" and k != "particle_ids"}
+                    mb = {k: v.to(peft_engine.device) for k, v in mb.items()
+                          if k not in ("task_ids", "particle_ids", "loss_units", "loss_denominator")}
                     loss = peft_engine(**mb).loss
                     peft_engine.backward(loss)
                     peft_engine.step()

@@ -494,6 +494,14 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> dict:
                           "fp32 (the gradient hook (SVGD, the prior, per-teacher clipping) and the fp32 master "
                           "weights need them unrounded): set it to \"auto\" (or \"fp32\") in the JSON")
     data_types["grad_accum_dtype"] = "fp32"
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if want and stage in (0, "0"):
+        # DeepSpeed 0.19 has no fp32 accumulation for bf16 weights without ZeRO: deepspeed.initialize
+        # would fail with "unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=torch.float32".
+        raise ConfigError(f"{path}: bf16 without ZeRO (zero_optimization.stage 0 or absent) would accumulate "
+                          "gradients in bf16, which bpt_ds does not do; set zero_optimization.stage to 1, 2 or 3 "
+                          "(ds_configs/replicated_bf16.json keeps the whole backbone on every GPU with ZeRO-2), "
+                          "or train in fp32 (model.dtype=fp32)")
     # The optimizer is ours (torch AdamW with per-part learning rates), which ZeRO accepts
     # only when told so.
     ds["zero_allow_untested_optimizer"] = True
@@ -793,8 +801,8 @@ class Engine:
         self.device = self.ds.device
         self.hook_seconds = 0.0  # wall time in the gradient hook (gathers + SVGD), for perf logging
         # Of the latest step: why it was skipped ("loss", "gradient", "direction") or None, and
-        # whether a rank asked the run to stop (SIGTERM or SIGINT), and which signal: SIGTERM when
-        # any rank got one, else SIGINT.
+        # whether a rank asked the run to stop (SIGTERM or SIGINT), and which signal: each rank keeps
+        # the first it got, and across ranks SIGTERM wins (the all-reduce takes the largest number).
         self.skipped: Optional[str] = None
         self.stop_requested = False
         self.stop_signal: Optional[int] = None

@@ -437,11 +437,23 @@ def host_memory_note(req: Request) -> str:
             f"{f' ({req.cpu_mem_source})' if req.cpu_mem_source else ''}")
 
 
-def machine_memory() -> int:
-    """Total memory of this machine in bytes (psutil)."""
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_memory(limits: tuple = CGROUP_LIMITS) -> int:
+    """Memory this job may use, in bytes: the machine's total (psutil), or less when the job's
+    cgroup caps it (SLURM's --mem, a container's limit; cgroup v2 or v1)."""
     import psutil
 
-    return psutil.virtual_memory().total
+    total = psutil.virtual_memory().total
+    for path in limits:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return total
 
 
 def ds_config_for(setup: Setup) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -74,7 +75,7 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except engine.Preempted as e:
         say(f"[bpt_ds] {e}")
-        return 128 + e.signum  # EXIT_PREEMPTED for SIGTERM, 130 for SIGINT
+        return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
     except engine.TrainingHalted as e:
         if rank0:  # every rank stops at the same step, for the same reason
             print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)

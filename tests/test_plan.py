@@ -353,3 +353,17 @@ def test_zero3_states_count_the_backbone_deepspeed_keeps_gathered():
     req = plan.Request(plan.PRESETS["t5-v1_1-base"], gpus=2, batch=1, seq=64, prompt_length=8, particles=2)
     est = plan.estimate(req, plan.SETUPS[1])
     assert est.setup.name == "zero3" and est.states == zero3
+
+
+def test_host_memory_is_the_jobs_cgroup_limit_when_it_is_below_the_machines(tmp_path):
+    import psutil
+
+    from bpt_ds.plan import machine_memory
+
+    total = psutil.virtual_memory().total
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    v1.write_text(f"{total * 4}\n")  # cgroup v1's "no limit" is a huge number
+    assert machine_memory((str(v2), str(v1), str(tmp_path / "absent"))) == total
+    v2.write_text(f"{2**30}\n")  # SLURM --mem=1G
+    assert machine_memory((str(v2), str(v1))) == 2**30

@@ -30,7 +30,8 @@ def test_grad_accum_dtype_is_filled_or_a_conflict_is_refused(tmp_path):
     cfg = load_config(None, [f"deepspeed.config={own}", "model.dtype=bf16"])
     own.write_text('{"zero_optimization": {"stage": 3}}')  # absent: filled
     assert resolve_ds_config(cfg, world=1)["data_types"] == {"grad_accum_dtype": "fp32"}
-    own.write_text('{"data_types": {"grad_accum_dtype": "fp32", "param_dtype": "bf16"}}')  # agrees; others kept
+    own.write_text('{"zero_optimization": {"stage": 2}, '
+                   '"data_types": {"grad_accum_dtype": "fp32", "param_dtype": "bf16"}}')  # agrees; others kept
     assert resolve_ds_config(cfg, world=1)["data_types"] == {"grad_accum_dtype": "fp32", "param_dtype": "bf16"}
     for bad in ("bf16", "fp16"):
         own.write_text(json.dumps({"data_types": {"grad_accum_dtype": bad}}))
@@ -44,6 +45,23 @@ def test_grad_accum_dtype_is_filled_or_a_conflict_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"data_types must be an object, e\.g\. "
                                           r"\{\"grad_accum_dtype\": \"auto\"\}; got 'fp32'"):
         resolve_ds_config(cfg, world=1)
+
+
+def test_bf16_without_zero_is_refused_before_deepspeed_would_fail(tmp_path):
+    """DeepSpeed 0.19 has no fp32 gradient accumulation for bf16 weights without ZeRO
+    (deepspeed.initialize raises NotImplementedError, after the backbone loaded): refused at
+    config time, naming the key and the fix. fp32 without ZeRO stays allowed."""
+    own = tmp_path / "ds.json"
+    for text in ('{}', '{"zero_optimization": {"stage": 0}}'):
+        own.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            resolve_ds_config(load_config(None, [f"deepspeed.config={own}", "model.dtype=bf16"]), world=1)
+        assert str(e.value) == (
+            f"{own}: bf16 without ZeRO (zero_optimization.stage 0 or absent) would accumulate gradients in bf16, "
+            "which bpt_ds does not do; set zero_optimization.stage to 1, 2 or 3 (ds_configs/replicated_bf16.json "
+            "keeps the whole backbone on every GPU with ZeRO-2), or train in fp32 (model.dtype=fp32)")
+        ds = resolve_ds_config(load_config(None, [f"deepspeed.config={own}", "model.dtype=fp32"]), world=1)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
 
 
 @pytest.fixture(scope="module")

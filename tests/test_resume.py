@@ -168,3 +168,20 @@ def test_the_schedule_note_speaks_only_when_the_schedule_changes():
         "total it was written under); the LR at step 100 goes from 0 to 0.15 (as in a run of 200 steps) and "
         "follows that schedule from there")
     assert schedule_note(linear, None, 100, 0.15, 0.15) is None
+
+
+def test_a_checkpoint_written_under_the_old_loss_convention_is_refused_by_name(tmp_path):
+    """Checkpoints (and done.json) from before the per-token / per-example loss carry no
+    loss_convention: continuing one would mix two objectives, so it is refused, naming the entry."""
+    from bpt_ds.config import ConfigError
+    from bpt_ds.stages.prompt_tuning import LOSS_CONVENTION, PromptTuning
+
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    recipe = PromptTuning(cfg)
+    now = config_fingerprint(cfg)
+    assert now["loss_convention"] == LOSS_CONVENTION
+    recipe._check_same_config(dict(now))  # the same computation continues
+    old = {k: v for k, v in now.items() if k != "loss_convention"}
+    with pytest.raises(ConfigError, match=re.escape(f"(loss_convention: None -> {LOSS_CONVENTION!r}); resuming "
+                                                    "would mix two runs")):
+        recipe._check_same_config(old)

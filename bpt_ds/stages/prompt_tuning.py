@@ -63,10 +63,19 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+# What the code computes beyond the config: the loss a step minimizes. Checkpoints and done.json
+# written before 2026-12 (each row's mean token loss) carry no such entry, so a resume of one, or a
+# pipeline rerun over one, sees it changed instead of silently mixing two objectives.
+LOSS_CONVENTION = "per target token; bmtpt-source: summed token NLL per example"
+
+
 def config_fingerprint(cfg: RunConfig) -> dict:
-    """What a run computes: the config as flat keys, without the keys a resume may change."""
+    """What a run computes: the config as flat keys, without the keys a resume may change, and
+    the loss convention (LOSS_CONVENTION)."""
     flat = _flat(json.loads(json.dumps(to_dict(cfg))))
-    return {k: v for k, v in flat.items() if k not in RESUME_FREE}
+    out = {k: v for k, v in flat.items() if k not in RESUME_FREE}
+    out["loss_convention"] = LOSS_CONVENTION
+    return out
 
 
 def input_digests(cfg: RunConfig) -> dict[str, str]:
