@@ -10,6 +10,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 
 
+def dropout_backbone(tiny: Path, dest: Path, rate: float) -> Path:
+    """A copy of the tiny backbone's files at dest with dropout_rate = rate (real T5 checkpoints
+    train with dropout; the tiny one has none)."""
+    import json
+
+    dest.mkdir()
+    for f in Path(tiny).iterdir():
+        if f.is_file():
+            (dest / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dest / "config.json").read_text())
+    config["dropout_rate"] = rate
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def ds_env(cache: Path, ranks: int) -> dict:
     env = dict(os.environ)
     env["BPT_DS_CACHE"] = str(cache)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from jobs import ROOT, run_ds
+from jobs import ROOT, dropout_backbone, run_ds
 
 pytestmark = pytest.mark.distributed
 
@@ -24,14 +24,7 @@ def test_distill_teacher_pass_is_deterministic_under_zero3_with_dropout(tiny_bac
     engine in training mode: two teacher passes are identical, the same seed gives the same loss,
     another seed another one (student dropout), the modes come back; in evaluation mode KL and
     hidden MSE are 0. Before the fix the teacher drew its own dropout masks under no_grad."""
-    ckpt = tmp_path / "dropout-t5"
-    ckpt.mkdir()
-    for f in Path(tiny_backbone_path).iterdir():
-        if f.is_file():
-            (ckpt / f.name).write_bytes(f.read_bytes())
-    config = json.loads((ckpt / "config.json").read_text())
-    config["dropout_rate"] = 0.1
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = dropout_backbone(Path(tiny_backbone_path), tmp_path / "dropout-t5", 0.1)
     s = torch.randn(1, 8, 128, generator=torch.Generator().manual_seed(0)) * 0.5
     prompts = tmp_path / "prompts.safetensors"
     save_file({"particles": s, "teacher.sentiment": s[0].clone(), "teacher.mood": s[0].clone()}, str(prompts))

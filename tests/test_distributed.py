@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bpt_ds import engine
-from jobs import ROOT, TRAIN, ds_command, ds_env, run_ds
+from jobs import ROOT, dropout_backbone, TRAIN, ds_command, ds_env, run_ds
 
 pytestmark = pytest.mark.distributed
 
@@ -343,14 +343,7 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
 def test_resume_replays_dropout_of_a_real_style_backbone(tiny_backbone_path, cache, tmp_path):
     """With dropout on (as in real T5 checkpoints), stopping at step 6 and resuming to step 12
     ends where an uninterrupted 12-step run ends: the masks depend on (seed, step, rank) only."""
-    ckpt = tmp_path / "dropout-t5"
-    ckpt.mkdir()
-    for f in Path(tiny_backbone_path).iterdir():
-        if f.is_file():
-            (ckpt / f.name).write_bytes(f.read_bytes())
-    config = json.loads((ckpt / "config.json").read_text())
-    config["dropout_rate"] = 0.3
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = dropout_backbone(Path(tiny_backbone_path), tmp_path / "dropout-t5", 0.3)
     common = [f"model.name_or_path={ckpt}", "model.dtype=fp32", "train.schedule=constant", "train.eval_every=0",
               "train.save_every=6", "prompt.length=8", "train.global_batch_size=16",
               "data.max_eval_examples=16"]
