@@ -43,10 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(overrides: list[str]) -> None:
-    from bpt_ds.config import load_config
-    from bpt_ds.stages import run_stage
+    from bpt_ds.runner import run_stage
+    from bpt_ds.runs import load_config
+    from bpt_ds.stages import STAGES
 
-    run_stage(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    run_stage(cfg, STAGES[cfg.stage](cfg))
 
 
 def eval_curve(run_dir: Path, task: str) -> dict[int, float]:

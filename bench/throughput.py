@@ -7,10 +7,10 @@
 One process per rank (one launcher call) builds three rows and times them in alternating
 windows (row A, row B, row C, row A, ...), so drift of the machine hits every row alike:
 
-- ours: bpt_ds's real step. The stage is set up exactly as launch/train.py sets it up
-  (`PromptTuning.setup`, the run's DeepSpeed config), and each step is
-  `stage.batches_at(step)` + `engine.train_step`: dynamic padding, all particles in one pass,
-  the SVGD hook for stage bmtpt-source.
+- ours: bpt_ds's real step. The run is set up exactly as launch/train.py sets it up
+  (`runner.Runner.setup`, the run's DeepSpeed config), and each step is
+  `runner.batches_at(step)` + `runner.stepper.step`: dynamic padding, all particles in one pass,
+  the SVGD direction for stage bmtpt-source.
 - peft-padded: peft's `PromptTuningConfig` (encoder prompt, `num_transformer_submodules=1`)
   on a second instance of the same backbone under the same DeepSpeed config, fed the same
   examples padded to the maximum lengths, as peft's examples and docs batch them.
@@ -158,13 +158,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bpt_ds import engine as eng
-    from bpt_ds.config import load_config
+    from bpt_ds import distributed
+    from bpt_ds.deepspeed_setup import ds_dtype
     from bpt_ds.plan import dims_from_config
+    from bpt_ds.report import peak_memory_mb
+    from bpt_ds.runner import Runner
+    from bpt_ds.runs import load_config
     from bpt_ds.stages import STAGES
 
-    eng.init_distributed()
-    rank, world = eng.rank(), eng.world_size()
+    distributed.init_distributed()
+    rank, world = distributed.rank(), distributed.world_size()
     work = Path(tempfile.mkdtemp(prefix="bpt_ds-throughput-")) if rank == 0 else None
     holder = [str(work)]
     if world > 1:
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
     if rank == 0:
         write_task(work / "train.jsonl", args.examples, args.seq, seed=0)
         write_task(work / "dev.jsonl", 16, args.seq, seed=1)
-    eng.barrier()
+    distributed.barrier()
     overrides = [f"stage={args.stage}", f"output_dir={work / 'run'}", f"model.name_or_path={args.model}",
                  f"model.dtype={args.dtype}", "data.tasks=[bench]", f"data.local.bench.train={work / 'train.jsonl'}",
                  f"data.local.bench.validation={work / 'dev.jsonl'}", f"data.max_source_length={args.seq}",
@@ -184,14 +187,13 @@ def main(argv=None) -> int:
     if args.micro:
         overrides.append(f"train.micro_batch_size={args.micro}")
     cfg = load_config(None, overrides)
-    stage = STAGES[cfg.stage](cfg)
+    stage = Runner(cfg, STAGES[cfg.stage](cfg))  # the run, as launch/train.py builds it
     stage.setup()
-    hook = stage.grad_hook()
     dims = dims_from_config(stage.backbone.model.config)
     task = stage.train_tasks[0]
     in_lens = [len(x) for x in task.inputs]
     rows_per_example = args.particles if stage.placement.mode == "every" else 1
-    gpu = eng.on_gpu()
+    gpu = distributed.on_gpu()
 
     def batch_stats(picks):
         ins = [len(stage.train_tasks[t].inputs[i]) for t, i in picks]
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
 
     def ours(step: int):
         picks, micro = stage.batches_at(step)
-        stage.engine.train_step(micro, stage.row_weight, hook)
+        stage.stepper.step(micro, stage.row_weight)
         return picks
 
     if "ours" in rows_wanted:
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
 
         rows.append(Row("ours-grouped", ours_grouped))
     if "ours-fused" in rows_wanted:
-        optimizer = stage.engine.base_optimizer
+        optimizer = stage.deepspeed.base_optimizer
 
         def ours_fused(step: int):
             set_fused_adamw(optimizer, True)  # what train.fused_adamw=true gives a run
@@ -234,8 +236,8 @@ def main(argv=None) -> int:
 
         rows.append(Row("ours-fused", ours_fused))
     if "ours-compiled" in rows_wanted:
-        module = stage.engine.ds.module
-        stage.engine.ds.compile(backend=args.compile_backend)  # what model.compile=<backend> gives a run
+        module = stage.deepspeed.ds.module
+        stage.deepspeed.ds.compile(backend=args.compile_backend)  # what model.compile=<backend> gives a run
         compiled, module._compiled_call_impl = module._compiled_call_impl, None
 
         def ours_compiled(step: int):
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
     def sync():
         if gpu:
             torch.cuda.synchronize()
-        eng.barrier()
+        distributed.barrier()
 
     # Warm-up, then alternating windows; every row walks the same sequence of global batches.
     cursor = {r.name: 0 for r in rows}
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
                 continue
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            stage.engine.hook_seconds = 0.0
+            stage.stepper.hook_seconds = 0.0
             sync()
             started = time.perf_counter()
             try:
@@ -308,8 +310,8 @@ def main(argv=None) -> int:
             r.seconds += time.perf_counter() - started
             r.steps += args.steps
             if r.name == "ours":
-                r.hook_seconds += stage.engine.hook_seconds
-            r.peak_mb = max(r.peak_mb, eng.peak_memory_mb())
+                r.hook_seconds += stage.stepper.hook_seconds
+            r.peak_mb = max(r.peak_mb, peak_memory_mb(gpu))
 
     device = (torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)")
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None) if gpu else None
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
         "device": device, "world_size": world, "date": time.strftime("%Y-%m-%d"),
         "command": [sys.executable, *sys.argv], "model": args.model, "stage": args.stage,
         "particles": args.particles, "prompt_length": args.prompt_length, "global_batch": args.batch,
-        "micro_batch": stage.micro, "dtype": eng.ds_dtype(stage.ds_config),
+        "micro_batch": stage.micro, "dtype": ds_dtype(stage.ds_config),
         "ds_config": cfg.deepspeed.config,
         "input_tokens": {"median": statistics.median(in_lens), "p90": sorted(in_lens)[int(0.9 * len(in_lens))],
                          "max": max(in_lens)},
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
             print(f"wrote {args.json}", flush=True)
-    eng.barrier()
+    distributed.barrier()
     return 0
 
 
@@ -388,11 +390,11 @@ def build_peft(stage, cfg, args):
     import torch
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    from bpt_ds import engine as eng
     from bpt_ds.backbone import load_backbone
+    from bpt_ds.deepspeed_setup import ds_dtype
 
     ds_config = stage.ds_config
-    backbone = load_backbone(stage.backbone.path, ds_config, eng.ds_dtype(ds_config), progress=False,
+    backbone = load_backbone(stage.backbone.path, ds_config, ds_dtype(ds_config), progress=False,
                              attn_implementation=cfg.model.attn_implementation)
     d = backbone.model.config.d_model
     model = get_peft_model(backbone.model, PromptTuningConfig(

@@ -56,8 +56,8 @@ def rank_probe(out_prefix: str, overrides: list[str]) -> int:
 
     mark("start")
     sys.path[:0] = [str(ROOT), str(ROOT / "launch")]
-    import bpt_ds.engine as eng
-    import bpt_ds.stages.prompt_tuning as pt
+    import bpt_ds.runner as runner
+    import bpt_ds.step as step
     import train  # launch/train.py
 
     mark("imports")
@@ -74,9 +74,9 @@ def rank_probe(out_prefix: str, overrides: list[str]) -> int:
 
         setattr(owner, attr, probed)
 
-    wrap(pt, "load_backbone", "load_backbone")
-    wrap(eng.Engine, "__init__", "deepspeed.initialize")
-    wrap(eng.Engine, "train_step", "step", numbered=True)
+    wrap(runner, "load_backbone", "load_backbone")
+    wrap(runner, "initialize", "deepspeed.initialize")
+    wrap(step.Stepper, "step", "step", numbered=True)
     code = 1
     try:
         code = train.main(overrides)
@@ -146,7 +146,7 @@ def main() -> int:
     work = Path(args.work or f"/tmp/bpt_xl_cpu_{args.size}")
     work.mkdir(parents=True, exist_ok=True)
     out_json = Path(args.json or ROOT / "bench" / "results" / f"xl_cpu_{args.size}_{date}.json")
-    from bpt_ds.config import load_config
+    from bpt_ds.runs import load_config
 
     target_len = load_config(None, []).data.max_target_length
     common = [f"model.name_or_path=random:{args.size}", "model.dtype=bf16", f"prompt.length={args.prompt_length}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +18,11 @@ from transformers import T5ForConditionalGeneration
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.utils import cached_file
 
-log = logging.getLogger(__name__)
+from .errors import ConfigError
+from .plan import PlanError, resolve_dims
+from .report import line, warn
+from .tiny import build_once, build_tiny_backbone, default_cache_dir
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -40,8 +43,6 @@ RANDOM_MARKER = "RANDOM_WEIGHTS"
 
 def resolve_model_path(name_or_path: str, progress: bool = True) -> str:
     if name_or_path == "tiny":
-        from .tiny import build_tiny_backbone
-
         return str(build_tiny_backbone(progress=progress))
     if name_or_path.startswith(RANDOM_PREFIX):
         return str(random_backbone_dir(name_or_path[len(RANDOM_PREFIX):], progress))
@@ -58,10 +59,6 @@ def random_backbone_dir(spec: str, progress: bool = True) -> Path:
     from dataclasses import asdict
 
     from transformers import T5Config
-
-    from .config import ConfigError
-    from .plan import PlanError, resolve_dims
-    from .tiny import build_once, build_tiny_backbone, default_cache_dir
 
     try:
         dims = resolve_dims(spec) if spec else None
@@ -140,8 +137,7 @@ def load_backbone(name_or_path: str, ds_config: dict, dtype: str = "bf16",
     path = resolve_model_path(name_or_path, progress)
     zero3 = is_zero3(ds_config)
     if progress:
-        print(f"[bpt_ds] loading backbone {path} ({dtype}"
-              f"{', partitioned by ZeRO-3 as it loads' if zero3 else ''})", flush=True)
+        line(f"[bpt_ds] loading backbone {path} ({dtype}{', partitioned by ZeRO-3 as it loads' if zero3 else ''})")
     if (Path(path) / RANDOM_MARKER).is_file():
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
         from transformers.initialization import no_init_weights
@@ -235,7 +231,7 @@ def restore_untied_lm_head(model: T5ForConditionalGeneration, path: str, ds_conf
         if torch.equal(head.weight.detach().cpu(), stored.to(head.weight.dtype)):
             return False
         head.weight.data.copy_(stored.to(head.weight.dtype))
-    log.warning("lm_head of %s came back tied to the input embedding; restored the checkpoint's own lm_head", path)
+    warn(f"lm_head of {path} came back tied to the input embedding; restored the checkpoint's own lm_head")
     return True
 
 

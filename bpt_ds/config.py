@@ -1,24 +1,28 @@
 """Run configuration: typed dataclasses, YAML files and dotted command-line overrides.
 
 Everything a run does is decided here, up front: a typo or a wrong type fails before
-any model is loaded, with the key's full name and what it accepts.
+any model is loaded, with the key's full name and what it accepts. A stage's own rules and
+defaults live in its file (bpt_ds/stages), which build_config is given.
+
+Over 400 lines on purpose: every key's field, its comment (the key's documentation), its
+conversion and its range check are one edit in one file; split, a new key would be three.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key and the fix."""
+from .data.tasks import check_data_files, check_task_names
+from .errors import ConfigError
 
 
 @dataclass
@@ -251,7 +255,7 @@ class DistillConfig:
 
 @dataclass
 class RunConfig:
-    stage: Literal["pt", "spot", "bmtpt-source", "target", "mpt-teachers", "mpt-distill"] = "pt"
+    stage: str = "pt"  # a name in bpt_ds.stages.STAGES (checked by build_config)
     seed: int = 42
     output_dir: str = "runs/default"
     # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
@@ -359,7 +363,7 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
@@ -387,7 +391,7 @@ def parse_override(text: str) -> tuple[str, Any]:
                           f"text values, e.g. {key.strip()}='\"...\"'") from None
 
 
-def _read_yaml(path: Optional[str]) -> dict:
+def read_yaml(path: Optional[str]) -> dict:
     if path is None:
         return {}
     p = Path(path)
@@ -402,141 +406,18 @@ def _read_yaml(path: Optional[str]) -> dict:
     return raw
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
-    """Builds the run config from an optional YAML file plus dotted overrides, then validates it."""
-    raw = _read_yaml(path)
-    if "stages" in raw:
-        raise ConfigError(f"config file '{path}' is a pipeline (it has 'stages'); run it with load_runs")
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
-    return build_config(raw)
-
-
-FROM_FILE_STAGES = ("spot", "target")
-
-PIPELINE_KEYS = ("output_dir", "defaults", "stages")
-RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
-
-
-def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (),
-              seed: Optional[int] = None) -> list[tuple[str, RunConfig]]:
-    """The runs a config file asks for, as (name, config): one for a run config, several for a pipeline.
-
-    seed: one run of a multi-seed command: every stage gets this seed and writes to
-    <its output_dir>/seed<seed> (a pipeline's {name} references follow).
-
-    A pipeline file chains stages by output path:
-
-        output_dir: runs/bmtpt          # stage <name> writes to <output_dir>/<name>
-        defaults: {model: ..., seed: 1} # keys every stage shares
-        stages:
-          - name: source
-            stage: bmtpt-source
-          - name: target
-            stage: target
-            prompt: {init_file: "{source}"}   # {name}: that earlier stage's output directory
-
-    Overrides `key=value` apply to every stage (after its own keys), `<name>.key=value` to
-    one stage, and `output_dir=...` to the pipeline. Every stage's config is built and
-    validated before the first one runs.
-    """
-    raw = _read_yaml(path)
-    if "stages" not in raw:
-        cfg = load_config(path, overrides)
-        if seed is not None:
-            cfg = load_config(path, list(overrides) + [f"seed={seed}", f"output_dir={cfg.output_dir}/seed{seed}"])
-        return [("run", cfg)]
-    unknown = sorted(set(raw) - set(PIPELINE_KEYS))
-    if unknown:
-        raise ConfigError(f"pipeline '{path}': unknown top-level key(s) {unknown}; a pipeline has "
-                          f"{', '.join(PIPELINE_KEYS)} (stage keys go under defaults or a stage)")
-    stages, defaults = raw["stages"], raw.get("defaults") or {}
-    if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
-        raise ConfigError(f"pipeline '{path}': 'stages' must be a non-empty list of mappings")
-    if not isinstance(defaults, dict):
-        raise ConfigError(f"pipeline '{path}': 'defaults' must be a mapping of run config keys")
-    names = [str(st.get("name", "")) for st in stages]
-    for i, name in enumerate(names):
-        if not name or not name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"pipeline '{path}': stages[{i}] needs a 'name' of letters, digits, - or _; "
-                              f"got {name!r}")
-        if name in names[:i]:
-            raise ConfigError(f"pipeline '{path}': two stages are named '{name}'")
-        if name in RUN_KEYS:
-            raise ConfigError(f"pipeline '{path}': stage name '{name}' is also a config key, so '{name}.x=...' "
-                              "overrides would be ambiguous; choose another name")
-    root = raw.get("output_dir", "runs/pipeline")
-    shared: list[str] = []
-    per_stage: dict[str, list[str]] = {n: [] for n in names}
-    for text in overrides:
-        key, _ = parse_override(text)
-        head = key.split(".", 1)[0]
-        if key == "output_dir":
-            root = parse_override(text)[1]
-        elif head in per_stage and "." in key:
-            per_stage[head].append(text.split(".", 1)[1])
-        else:
-            shared.append(text)
-    runs, dirs = [], {}
-    for i, (name, st) in enumerate(zip(names, stages)):
-        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k != "name"})
-        merged.setdefault("output_dir", f"{root}/{name}")
-        for text in shared + per_stage[name]:
-            key, value = parse_override(text)
-            _set_dotted(merged, key, value)
-        if seed is not None:
-            merged["seed"] = seed
-            merged["output_dir"] = f"{merged['output_dir']}/seed{seed}"
-        merged = _substitute(merged, dirs, names[i:], f"pipeline '{path}', stage '{name}'")
-        try:
-            cfg = build_config(merged)
-        except ConfigError as e:
-            raise ConfigError(f"pipeline '{path}', stage '{name}': {e}") from None
-        if cfg.output_dir in dirs.values():
-            other = next(n for n, d in dirs.items() if d == cfg.output_dir)
-            raise ConfigError(f"pipeline '{path}': stages '{other}' and '{name}' both write to {cfg.output_dir}; "
-                              "give each stage its own output_dir (or leave it unset: <output_dir>/<name>)")
-        dirs[name] = cfg.output_dir
-        runs.append((name, cfg))
-    return runs
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _substitute(value: Any, dirs: dict[str, str], later: list[str], where: str) -> Any:
-    """Replaces {name} in strings with the output directory of the earlier stage `name`."""
-    if isinstance(value, dict):
-        return {k: _substitute(v, dirs, later, where) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, dirs, later, where) for v in value]
-    if isinstance(value, str) and "{" in value:
-        for name in later:
-            if "{" + name + "}" in value:
-                raise ConfigError(f"{where}: '{value}' refers to stage '{name}', which does not run before it")
-        for name, d in dirs.items():
-            value = value.replace("{" + name + "}", d)
-    return value
-
-
-def build_config(raw: dict) -> RunConfig:
-    if raw.get("stage") in FROM_FILE_STAGES and isinstance(raw.get("prompt", {}), dict):
-        # SPoT and target start from an earlier run's prompt: that is their init unless the user says otherwise.
-        raw.setdefault("prompt", {}).setdefault("init", "file")
-    if raw.get("stage") == "mpt-teachers" and isinstance(raw.get("prompt", {}), dict) \
-            and isinstance(raw.get("data", {}), dict) and isinstance(raw.get("data", {}).get("tasks"), list):
-        # One teacher per source task, as K particles.
-        raw.setdefault("prompt", {}).setdefault("particles", len(raw["data"]["tasks"]))
-    if raw.get("stage") == "mpt-distill" and isinstance(raw.get("prompt", {}), dict) \
-            and isinstance(raw.get("prompt", {}).get("factors", {}), dict):
-        raw.setdefault("prompt", {}).setdefault("factors", {}).setdefault("rank", 1)  # MPT's rank-one factors
+def build_config(raw: dict, stages: Mapping[str, Any]) -> RunConfig:
+    """The run config of a raw mapping (YAML plus overrides), validated: its values each on their
+    own (validate), then by its stage's rules. stages: the stage classes by name
+    (bpt_ds.stages.STAGES; each has defaults(raw) and validate(cfg))."""
+    name = raw.get("stage", RunConfig.stage)
+    if name not in stages:
+        raise ConfigError(f"config key 'stage' expects one of {', '.join(repr(k) for k in stages)}; got {name!r}")
+    stage = stages[name]
+    stage.defaults(raw)
     cfg = _build(RunConfig, raw)
     validate(cfg)
+    stage.validate(cfg)
     return cfg
 
 
@@ -588,21 +469,7 @@ def validate(cfg: RunConfig) -> None:
             f"train.micro_batch_size ({t.micro_batch_size})",
         )
     _require(len(d.tasks) > 0, "config key 'data.tasks' must name at least one task")
-    _require(not (d.group_by_length and cfg.stage in ("mpt-teachers", "mpt-distill")),
-             f"data.group_by_length does not apply to stage '{cfg.stage}', which samples each task on its own; "
-             "set data.group_by_length=0")
-    from .data.tasks import check_task_names
-
     check_task_names(d)
-    if p.init == "file" or cfg.stage in FROM_FILE_STAGES:
-        _require(
-            p.init_file is not None,
-            f"stage '{cfg.stage}' with prompt.init={p.init} needs prompt.init_file: "
-            "the prompts.safetensors of an earlier run",
-        )
-    if cfg.stage in FROM_FILE_STAGES:
-        _require(p.init == "file",
-                 f"stage '{cfg.stage}' initializes from a file: set prompt.init=file (or leave it unset)")
     if p.init_particle is not None:
         _require(p.init_particle >= 0, f"config key 'prompt.init_particle' must be >= 0; got {p.init_particle}")
     sv, pr, ds = cfg.svgd, cfg.prior, cfg.deepspeed
@@ -625,39 +492,7 @@ def validate(cfg: RunConfig) -> None:
              f"config key 'prior.min_var' must be a finite number > 0; got {pr.min_var}")
     _require(math.isfinite(pr.beta) and pr.beta >= 0,
              f"config key 'prior.beta' must be a finite number >= 0; got {pr.beta}")
-    if cfg.stage == "bmtpt-source":
-        require_batch_per_particle(t.global_batch_size, p.particles)
-        _require(t.weight_decay == 0,
-                 f"stage 'bmtpt-source': train.weight_decay={t.weight_decay} would pull the particles toward 0 "
-                 "outside SVGD; set it to 0 and use svgd.prior_std for a Gaussian prior that SVGD accounts for")
-        _require(p.factors.rank == 0,
-                 "stage 'bmtpt-source' samples the base prompt S only: set prompt.factors.rank=0 "
-                 "(low-rank factors belong to the target stage)")
-    if pr.beta > 0:
-        _require(cfg.stage == "target", f"prior.beta={pr.beta} applies to stage 'target' only; "
-                                        f"this run is stage '{cfg.stage}' (set prior.beta=0)")
     di = cfg.distill
-    if cfg.stage == "mpt-teachers":
-        _require(p.particles == len(d.tasks),
-                 f"stage 'mpt-teachers' trains one teacher prompt per task of data.tasks ({len(d.tasks)}) as "
-                 f"particles: set prompt.particles={len(d.tasks)} (or leave it unset)")
-        _require(len(set(d.tasks)) == len(d.tasks), "stage 'mpt-teachers': data.tasks names a task twice")
-        _require(p.factors.rank == 0, "stage 'mpt-teachers' trains plain prompts: set prompt.factors.rank=0")
-        _require(all(n in d.tasks for n in d.eval_tasks or []),
-                 "stage 'mpt-teachers' evaluates each teacher on its own task: data.eval_tasks must be "
-                 "among data.tasks (or unset)")
-        require_batch_per_particle(t.global_batch_size, p.particles)
-    if cfg.stage == "mpt-distill":
-        _require(di.teachers is not None, "stage 'mpt-distill' needs distill.teachers: the output directory "
-                                          "(or prompts.safetensors) of an mpt-teachers run")
-        _require(p.particles == 1, "stage 'mpt-distill' learns one shared prompt: set prompt.particles=1")
-        _require(p.factors.rank >= 1, "stage 'mpt-distill' learns S ∘ (U_k V_k): prompt.factors.rank must be "
-                                      ">= 1 (MPT uses 1)")
-        _require(2 <= di.min_tasks <= max(2, len(d.tasks)),
-                 f"config key 'distill.min_tasks' must be in 2..{len(d.tasks)} (the number of data.tasks); "
-                 f"got {di.min_tasks}")
-        _require(len(d.tasks) >= 2, "stage 'mpt-distill' mixes at least 2 source tasks per batch: "
-                                    "data.tasks needs 2 or more")
     for key, value in [("distill.weight", di.weight), ("distill.temperature", di.temperature)]:
         _require(math.isfinite(value) and value >= 0 and (value > 0 or key == "distill.weight"),
                  f"config key '{key}' must be a finite number {'>= 0' if key == 'distill.weight' else '> 0'}; "
@@ -669,8 +504,6 @@ def validate(cfg: RunConfig) -> None:
     for name, local in d.local.items():
         _require(local.train is not None or local.validation is not None,
                  f"data.local.{name} needs a file: set data.local.{name}.train and/or .validation")
-    from .data.tasks import check_data_files
-
     check_data_files(d)
 
 
@@ -680,3 +513,38 @@ def to_dict(cfg: RunConfig) -> dict:
 
 def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------- fingerprint
+
+# Keys a resumed run may change: they say how long to train and what to log, not what a step computes.
+RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "train.eval_every",
+               "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.patience",
+               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method",
+               # How the job is guarded, not what it computes.
+               "deepspeed.memory_check", "deepspeed.device_memory_gb", "deepspeed.memory_reserve_gb",
+               "deepspeed.timeout_minutes", "train.max_bad_steps", "train.save_retry_minutes",
+               # How a step runs, not what it computes (up to float rounding).
+               "model.compile", "train.fused_adamw"}
+
+# What the code computes beyond the config: the loss a step minimizes. Checkpoints and done.json
+# written before 2026-12 (each row's mean token loss) carry no such entry, so a resume of one, or a
+# pipeline rerun over one, sees it changed instead of silently mixing two objectives.
+LOSS_CONVENTION = "per target token; bmtpt-source: summed token NLL per example"
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def config_fingerprint(cfg: RunConfig) -> dict:
+    """What a run computes: the config as flat keys, without the keys a resume may change, and
+    the loss convention (LOSS_CONVENTION). Checkpoints and done.json carry it."""
+    flat = _flat(json.loads(json.dumps(to_dict(cfg))))
+    out = {k: v for k, v in flat.items() if k not in RESUME_FREE}
+    out["loss_convention"] = LOSS_CONVENTION
+    return out

@@ -7,12 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .likelihood import IGNORE, answer_labels, candidate_log_likelihood, per_example_loss  # noqa: F401
 from .prompts import PromptBank, prepend_prompts
-
-IGNORE = -100
 
 
 class PromptedT5(nn.Module):
@@ -28,12 +26,13 @@ class PromptedT5(nn.Module):
         return prepend_prompts(self.bank(task_ids, aggregate, particle_ids), embeds, attention_mask)
 
     def forward(self, input_ids, attention_mask, labels, task_ids, particle_ids=None):
-        """Per-row losses and the particle of each row: (losses [rows], particles [rows]).
+        """Per-row losses, the particle of each row, and the model's extra loss terms per row:
+        (losses [rows], particles [rows], {}) (DistilledT5 fills the terms).
 
         Without particle_ids every particle runs on every example (rows = M·B, row m·B + b
         is particle m on example b); with them, row b is particle particle_ids[b] on
         example b (rows = B). A row's loss is its target's token cross-entropy summed over
-        its tokens, -log p(y | x); the stage decides the reduction (engine.row_weights: per
+        its tokens, -log p(y | x); the stage decides the reduction (step.row_weights: per
         target token of the particle's share of the global batch, or per example for SVGD's
         likelihood), whatever the ranks and micro-batches.
         """
@@ -45,7 +44,7 @@ class PromptedT5(nn.Module):
                                decoder_input_ids=decoder_input_ids).logits
         if particle_ids is None:
             particle_ids = torch.arange(m, device=labels.device).repeat_interleave(input_ids.shape[0])
-        return per_example_loss(logits, labels), particle_ids
+        return per_example_loss(logits, labels), particle_ids, {}
 
     def logits(self, input_ids, attention_mask, labels, task_ids) -> torch.Tensor:
         """Decoder logits [B, L, V] for the targets `labels` under the particle-mean prompt
@@ -114,48 +113,6 @@ class PromptedT5(nn.Module):
         mean = torch.logsumexp(scores.view(m, b, m), dim=0) - math.log(m)  # [B, M]: log (1/M) Σ_m p_m(y_k | x_b)
         best = mean.argmax(-1)
         return out.view(m, b, -1)[best, torch.arange(b, device=best.device)]
-
-
-def answer_labels(sequences: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Generated rows [N, L] (decoder start token first) as targets [N, L - 1]: the start token
-    stripped, every position after a row's first EOS set to -100 (the EOS itself is kept: its
-    probability is part of the sequence's; a row cut by max_new_tokens has none and keeps all)."""
-    labels = sequences[:, 1:]
-    is_eos = labels == eos_id
-    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    return labels.masked_fill(after, IGNORE)
-
-
-def candidate_log_likelihood(backbone, hidden, attention_mask, candidates) -> torch.Tensor:
-    """Summed log-likelihood of every candidate target given encoder states: [B, C].
-
-    hidden: [B, T, d] encoder output; candidates: token ids padded with -100, either [C, Lc]
-    (the same candidates for every row: verbalized labels) or [B, C, Lc] (row b's own, e.g.
-    generated answers). Columns that are -100 in every candidate are dropped before the decoder.
-    """
-    b = hidden.shape[0]
-    if candidates.dim() == 2:
-        candidates = candidates.unsqueeze(0).expand(b, *candidates.shape)
-    c = candidates.shape[1]
-    labels = candidates.reshape(b * c, -1)
-    used = (labels != IGNORE).any(0).nonzero()
-    labels = labels[:, :int(used.max()) + 1 if used.numel() else 1]
-    hidden = hidden.repeat_interleave(c, dim=0)
-    attention_mask = attention_mask.repeat_interleave(c, dim=0)
-    decoder_input_ids = backbone.prepare_decoder_input_ids_from_labels(labels=labels)
-    logits = backbone(encoder_outputs=(hidden,), attention_mask=attention_mask,
-                      decoder_input_ids=decoder_input_ids).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    keep = labels != IGNORE
-    token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
-    return token_logp.sum(1).view(b, c)
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy of each row's target summed over its tokens (-log p(y | x)), in
-    fp32 (fp64 logits stay fp64): [rows]. Padding (-100) counts nothing."""
-    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), labels.flatten(),
-                         ignore_index=IGNORE, reduction="none").view(labels.shape)
-    return (ce * (labels != IGNORE).float()).sum(1)
 
 
 class _TeacherMode:

@@ -33,12 +33,8 @@ from typing import Optional
 
 import torch
 
-TASKS_FILE = "tasks.json"
-
-
-class PeftIOError(ValueError):
-    """A prompt file or adapter cannot be converted; the message names the file and the fix."""
-
+from .backbone import resolve_model_path
+from .prompts import TASKS_FILE, PeftIOError, import_peft, load_prompts_file  # noqa: F401  (import_peft: this CLI's)
 
 def _factor_tasks(tensors: dict) -> list[str]:
     return [k[len("factors."):-len(".U")] for k in tensors if k.startswith("factors.") and k.endswith(".U")]
@@ -49,8 +45,6 @@ def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, par
     """Writes adapter_config.json, adapter_model.safetensors and tasks.json; returns a summary."""
     from peft import MultitaskPromptTuningConfig, PromptTuningConfig
     from safetensors.torch import save_file
-
-    from .prompts import load_prompts_file
 
     src = Path(source)
     tensors = load_prompts_file(source, key="export source")
@@ -99,8 +93,6 @@ def _run_base_model(run: dict) -> Optional[str]:
     """The backbone a run used, as a path or hub name peft can record."""
     name = run.get("model", {}).get("name_or_path")
     if name == "tiny":
-        from .backbone import resolve_model_path
-
         return str(resolve_model_path("tiny", progress=False))
     return name
 
@@ -110,53 +102,6 @@ def _task_order(run: dict, names: list[str]) -> list[str]:
     data = run.get("data", {})
     order = list(dict.fromkeys((data.get("tasks") or []) + (data.get("eval_tasks") or [])))
     return order if names and sorted(order) == sorted(names) else sorted(names)
-
-
-def import_peft(adapter_dir: str) -> dict[str, torch.Tensor]:
-    """bpt_ds tensors (particles, factors.<task>.U/V) from a peft prompt-tuning adapter."""
-    from peft import PeftConfig
-
-    d = Path(adapter_dir)
-    if not (d / "adapter_config.json").is_file():
-        raise PeftIOError(f"'{adapter_dir}' has no adapter_config.json: not a peft adapter directory")
-    config = PeftConfig.from_pretrained(str(d))
-    kind = str(getattr(config.peft_type, "value", config.peft_type))
-    if kind not in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"):
-        raise PeftIOError(f"{adapter_dir}: peft type {kind} is not prompt tuning; bpt_ds imports PROMPT_TUNING and "
-                          "MULTITASK_PROMPT_TUNING adapters")
-    weights = _adapter_weights(d)
-    emb = weights.get("prompt_embeddings")
-    if emb is None:
-        raise PeftIOError(f"{adapter_dir}: the adapter weights have no 'prompt_embeddings' (keys: {sorted(weights)})")
-    length = config.num_virtual_tokens
-    subs = config.num_transformer_submodules or 1
-    if emb.shape[0] != length * subs:
-        raise PeftIOError(f"{adapter_dir}: prompt_embeddings has {emb.shape[0]} rows; the config says "
-                          f"{length} virtual tokens x {subs} submodule(s)")
-    if subs == 2 and kind == "MULTITASK_PROMPT_TUNING":
-        raise PeftIOError(f"{adapter_dir}: a multitask adapter with num_transformer_submodules=2 also prompts the "
-                          "decoder, which bpt_ds does not; export it with num_transformer_submodules=1")
-    out = {"particles": emb[:length].float()[None].contiguous()}
-    if kind == "MULTITASK_PROMPT_TUNING":
-        cols, rows = weights["prefix_task_cols"].float(), weights["prefix_task_rows"].float()
-        names_file = d / TASKS_FILE
-        names = json.loads(names_file.read_text()) if names_file.is_file() else [f"task{i}" for i in range(cols.shape[0])]
-        if len(names) != cols.shape[0]:
-            raise PeftIOError(f"{names_file} names {len(names)} tasks; the adapter has {cols.shape[0]}")
-        for i, name in enumerate(names):
-            out[f"factors.{name}.U"] = cols[i, :length].contiguous()
-            out[f"factors.{name}.V"] = rows[i].contiguous()
-    return out
-
-
-def _adapter_weights(d: Path) -> dict[str, torch.Tensor]:
-    if (d / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(d / "adapter_model.safetensors"))
-    if (d / "adapter_model.bin").is_file():
-        return torch.load(str(d / "adapter_model.bin"), map_location="cpu", weights_only=True)
-    raise PeftIOError(f"'{d}' has no adapter_model.safetensors (or .bin)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -32,6 +32,9 @@ It is an estimate, on the safe side: against the tensors autograd keeps for tran
 (eager attention, tests/test_plan.py) it is 1.0 to 1.6 times the measured bytes. With SDPA
 (the default) the per-block score matrices are not counted, as its GPU kernels do not keep
 them; on CPU, where T5's position bias sends SDPA to its math kernel, they are kept.
+
+Over 400 lines on purpose: one memory model (the formulas above, the presets, the check the
+trainer runs and the command that prints it) that its tests check as a whole.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
+
+from .errors import ConfigError
 
 GiB = 1024 ** 3
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -484,7 +489,6 @@ def check_run(cfg, ds_config: dict, model_path: str, placement: str, world: int,
     Nothing to check (None) without either figure or with deepspeed.memory_check=false."""
     from transformers import AutoConfig
 
-    from .config import ConfigError
 
     if not cfg.deepspeed.memory_check or (device_memory is None and host_memory is None):
         return None

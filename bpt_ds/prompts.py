@@ -7,13 +7,14 @@ low-rank factors. With factors off the prompt is S_m itself.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 class PromptBank(nn.Module):
@@ -193,9 +194,7 @@ def load_prompts_file(path: str | Path, key: str = "prompt.init_file") -> dict[s
 
     p = Path(path)
     if p.is_dir() and (p / "adapter_config.json").is_file():
-        from .peft_io import import_peft  # a peft prompt-tuning adapter directory
-
-        return import_peft(str(p))
+        return import_peft(str(p))  # a peft prompt-tuning adapter directory
     if p.is_dir():
         p = p / "prompts.safetensors"
         if not p.is_file():
@@ -209,3 +208,58 @@ def load_prompts_file(path: str | Path, key: str = "prompt.init_file") -> dict[s
     except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
         raise ConfigError(f"{key}: '{p}' is not a safetensors file bpt_ds can read ({e}); point it at the "
                          "prompts.safetensors of an earlier run") from None
+
+
+# peft prompt-tuning adapters read as prompt files (bpt_ds.peft_io has the mapping and the export).
+TASKS_FILE = "tasks.json"
+
+
+class PeftIOError(ValueError):
+    """A prompt file or adapter cannot be converted; the message names the file and the fix."""
+
+
+def import_peft(adapter_dir: str) -> dict[str, torch.Tensor]:
+    """bpt_ds tensors (particles, factors.<task>.U/V) from a peft prompt-tuning adapter."""
+    from peft import PeftConfig
+
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise PeftIOError(f"'{adapter_dir}' has no adapter_config.json: not a peft adapter directory")
+    config = PeftConfig.from_pretrained(str(d))
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind not in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"):
+        raise PeftIOError(f"{adapter_dir}: peft type {kind} is not prompt tuning; bpt_ds imports PROMPT_TUNING and "
+                          "MULTITASK_PROMPT_TUNING adapters")
+    weights = _adapter_weights(d)
+    emb = weights.get("prompt_embeddings")
+    if emb is None:
+        raise PeftIOError(f"{adapter_dir}: the adapter weights have no 'prompt_embeddings' (keys: {sorted(weights)})")
+    length = config.num_virtual_tokens
+    subs = config.num_transformer_submodules or 1
+    if emb.shape[0] != length * subs:
+        raise PeftIOError(f"{adapter_dir}: prompt_embeddings has {emb.shape[0]} rows; the config says "
+                          f"{length} virtual tokens x {subs} submodule(s)")
+    if subs == 2 and kind == "MULTITASK_PROMPT_TUNING":
+        raise PeftIOError(f"{adapter_dir}: a multitask adapter with num_transformer_submodules=2 also prompts the "
+                          "decoder, which bpt_ds does not; export it with num_transformer_submodules=1")
+    out = {"particles": emb[:length].float()[None].contiguous()}
+    if kind == "MULTITASK_PROMPT_TUNING":
+        cols, rows = weights["prefix_task_cols"].float(), weights["prefix_task_rows"].float()
+        names_file = d / TASKS_FILE
+        names = json.loads(names_file.read_text()) if names_file.is_file() else [f"task{i}" for i in range(cols.shape[0])]
+        if len(names) != cols.shape[0]:
+            raise PeftIOError(f"{names_file} names {len(names)} tasks; the adapter has {cols.shape[0]}")
+        for i, name in enumerate(names):
+            out[f"factors.{name}.U"] = cols[i, :length].contiguous()
+            out[f"factors.{name}.V"] = rows[i].contiguous()
+    return out
+
+
+def _adapter_weights(d: Path) -> dict[str, torch.Tensor]:
+    if (d / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(d / "adapter_model.safetensors"))
+    if (d / "adapter_model.bin").is_file():
+        return torch.load(str(d / "adapter_model.bin"), map_location="cpu", weights_only=True)
+    raise PeftIOError(f"'{d}' has no adapter_model.safetensors (or .bin)")

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration, T5Tokenizer
 
 from bpt_ds.data.synthetic import SYNTHETIC_TASKS, corpus, make_examples, with_prefix
-from bpt_ds.model import IGNORE, candidate_log_likelihood
+from bpt_ds.likelihood import IGNORE, candidate_log_likelihood
+from bpt_ds.report import line as say
 
 # Bump "version" whenever synthetic.py or this builder changes what a recipe produces.
 TINY_RECIPE: dict = {
@@ -86,7 +87,7 @@ def build_tiny_backbone(
     final = cache / f"tiny-t5-{recipe_hash(recipe)}"
     started = time.perf_counter()
     if build_once(final, _is_complete, lambda staging: _build_into(staging, recipe, progress)):
-        print(f"bpt_ds: built tiny T5 backbone at {final} in {time.perf_counter() - started:.1f}s")
+        say(f"bpt_ds: built tiny T5 backbone at {final} in {time.perf_counter() - started:.1f}s")
     return final
 
 

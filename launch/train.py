@@ -44,13 +44,14 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from bpt_ds import engine
-    from bpt_ds.config import ConfigError, load_runs
-    from bpt_ds.data.tasks import DataError
+    from bpt_ds.distributed import StopFlag, is_comm_failure
+    from bpt_ds.errors import ConfigError, DataError, Preempted, SaveError, TrainingHalted
+    from bpt_ds.pipeline import run_pipeline
+    from bpt_ds.runs import load_runs
 
     # SIGTERM (preemption, scancel) and SIGINT (Ctrl-C) save a checkpoint at the next step boundary
     # instead of killing; a second Ctrl-C kills at once.
-    engine.install_stop_handler()
+    stop = StopFlag().install()
 
     rank0 = os.environ.get("RANK", "0") == "0"
 
@@ -62,29 +63,27 @@ def _main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         # Every run of every seed is built and checked before the first one starts.
         batches = [load_runs(args.config, args.overrides, seed) for seed in seeds]
-        from bpt_ds.stages import run_pipeline
-
         for seed, runs in zip(seeds, batches):
             if seed is not None:
                 say(f"[bpt_ds] seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
-            run_pipeline(runs, say=say)
+            run_pipeline(runs, say=say, stop=stop)
         if len(seeds) > 1 and rank0:
             write_seed_table([cfg.output_dir for runs in batches for _, cfg in runs], say)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except engine.Preempted as e:
+    except Preempted as e:
         say(f"[bpt_ds] {e}")
         return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
-    except engine.TrainingHalted as e:
+    except TrainingHalted as e:
         if rank0:  # every rank stops at the same step, for the same reason
             print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return EXIT_HALTED
-    except engine.SaveError as e:
+    except SaveError as e:
         print(f"bpt_ds: error: {e}", file=sys.stderr, flush=True)
         return EXIT_SAVE_FAILED
     except Exception as e:
-        if not engine.is_comm_failure(e):
+        if not is_comm_failure(e):
             raise
         report_lost_ranks(e)
         return EXIT_LOST_RANK
@@ -102,10 +101,10 @@ EXIT_BAD_INPUT, EXIT_LOST_RANK, EXIT_HALTED, EXIT_SAVE_FAILED, EXIT_PREEMPTED, E
 def report_lost_ranks(e: Exception) -> None:
     """A collective failed (a rank died, hung or lost its network): name the ranks that no
     longer answer, and say how to continue."""
-    from bpt_ds import engine
+    from bpt_ds.distributed import rank, unresponsive_ranks
 
-    me = engine.rank()
-    lost = engine.unresponsive_ranks()
+    me = rank()
+    lost = unresponsive_ranks(getattr(e, "timeout_s", 1800.0))
     who = ("rank 0, which hosts the job's store, is unreachable" if lost is None else
            f"rank(s) {', '.join(map(str, lost))} did not answer" if lost else
            "every rank still answers (a network fault?)")

@@ -61,3 +61,55 @@ def start_two_nodes(hostfile: Path, script: str, *args: str, cache: Path, port: 
                              text=True, start_new_session=True)
             for cmd in two_node_commands(hostfile, script, *args, port=port)]
 
+
+def step_zero_batch(overrides: list[str], cache: Path):
+    """What a run of these overrides trains on at step 0, built without DeepSpeed: (config, the
+    tiny backbone's path, its tokenizer, the encoded training tasks, the global batch [(task, example)])."""
+    from transformers import AutoTokenizer
+
+    from bpt_ds.data.batching import MixtureSampler, encode_task
+    from bpt_ds.data.tasks import load_task
+    from bpt_ds.runs import load_config
+
+    cfg = load_config(None, overrides)
+    path = next(cache.glob("tiny-t5-*/"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tasks = [encode_task(tokenizer, load_task(n, cfg.data, cfg.seed), i, "train", cfg.data.max_source_length,
+                         cfg.data.max_target_length) for i, n in enumerate(cfg.data.tasks)]
+    picks = MixtureSampler([len(t.inputs) for t in tasks], cfg.train.global_batch_size, cfg.seed).global_batch_at(0)
+    return cfg, path, tokenizer, tasks, picks
+
+
+def signal_when(cmd: list[str], env: dict, log: Path, ready, target, sig: int) -> tuple[int, str]:
+    """Starts cmd in its own session (output to log), waits (up to 5 minutes) until ready(log
+    text) or the job ends, sends sig to target(job) (a Popen or psutil.Process), and waits for the
+    job to end on its own (within 2 minutes). Returns its exit code and output."""
+    import signal as signals
+    import time
+
+    with open(log, "w") as sink:
+        job = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and job.poll() is None and not ready(log.read_text()):
+                time.sleep(0.1)
+            target(job).send_signal(sig)
+            rc = job.wait(timeout=120)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signals.SIGKILL)
+    return rc, log.read_text()
+
+
+def stopped_on(text: str, signame: str, rank: int) -> tuple[int, str]:
+    """Asserts that a job's output says rank `rank` got `signame` and the job stopped after saving
+    a checkpoint (both lines word for word); returns (the step it stopped at, the checkpoint)."""
+    import re
+
+    again = " (Ctrl-C again stops at once, without saving)" if signame == "SIGINT" else ""
+    assert (f"[bpt_ds] rank {rank}: {signame} received; a checkpoint will be saved at the next step boundary, "
+            f"then the run stops{again}") in text, text[-3000:]
+    stop = re.search(rf"\[bpt_ds\] stopped at step (\d+) on {signame} after saving checkpoint (\S+); run the same "
+                     r"command again to resume from it \(train.resume=auto\)", text)
+    assert stop, text[-3000:]
+    return int(stop.group(1)), stop.group(2)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jobs import ROOT, TRAIN, run_ds
+from jobs import ROOT, TRAIN, run_ds, step_zero_batch
 
 pytestmark = pytest.mark.distributed
 
@@ -186,24 +186,17 @@ def test_without_repulsion_equal_particles_stay_equal_and_do_data_parallel_desce
 
 
 def step_one_gradient_norm(start: torch.Tensor, overrides: list[str], cache: Path) -> float:
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
-    from bpt_ds.config import load_config
-    from bpt_ds.data.batching import MixtureSampler, collate, encode_task
-    from bpt_ds.data.tasks import load_task
+    from bpt_ds.data.batching import collate
     from bpt_ds.model import PromptedT5
     from bpt_ds.prompts import PromptBank
 
-    cfg = load_config(None, overrides)
-    path = next(cache.glob("tiny-t5-*/"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tasks = [encode_task(tokenizer, load_task(n, cfg.data, cfg.seed), i, "train", cfg.data.max_source_length,
-                         cfg.data.max_target_length) for i, n in enumerate(cfg.data.tasks)]
-    picks = MixtureSampler([len(t.inputs) for t in tasks], cfg.train.global_batch_size, cfg.seed).global_batch_at(0)
+    cfg, path, tokenizer, tasks, picks = step_zero_batch(overrides, cache)
     bank = PromptBank(1, cfg.prompt.length, 128)
     bank.init_rows(start)
     model = PromptedT5(T5ForConditionalGeneration.from_pretrained(path).requires_grad_(False), bank)
-    rows, _ = model(**collate(tasks, picks, tokenizer.pad_token_id))
+    rows, _, _ = model(**collate(tasks, picks, tokenizer.pad_token_id))
     rows.mean().backward()  # a row: an example's token NLL summed over its tokens
     return bank.particles.grad.norm().item()
 

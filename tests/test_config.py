@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bpt_ds.config import ConfigError, load_config, load_runs, to_yaml
-from bpt_ds.engine import resolve_ds_config
+from bpt_ds.config import to_yaml
+from bpt_ds.errors import ConfigError
+from bpt_ds.runs import load_config, load_runs
+from bpt_ds.deepspeed_setup import resolve_ds_config
 
 
 def test_defaults_are_the_embedded_tiny_run():
@@ -190,7 +192,7 @@ def test_pipeline_errors_name_the_stage(tmp_path, edit, message):
 def test_particle_placement_over_ranks():
     import torch
 
-    from bpt_ds.engine import Placement
+    from bpt_ds.step import Placement
 
     # M = 4 on R = 2: whole particles per rank; each particle owns a block of B/M = 4 rows.
     p = Placement.make("split", particles=4, world=2, global_batch=16)

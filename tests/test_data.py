@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
-from bpt_ds.config import ConfigError, load_config
+from bpt_ds.errors import ConfigError
+from bpt_ds.runs import load_config
 from bpt_ds.data.batching import MixtureSampler, collate, encode_task, encode_texts
 from bpt_ds.data.tasks import DataError, load_task
 
@@ -170,7 +170,7 @@ def test_a_suite_task_file_with_a_bad_row_names_the_file_and_row(tmp_path):
         "the file ends inside this row: was it cut off? Fix or remove the row")
 
 
-def test_truncation_keeps_eos_and_is_counted(tiny_backbone_path, caplog):
+def test_truncation_keeps_eos_and_is_counted(tiny_backbone_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone_path)
@@ -178,9 +178,9 @@ def test_truncation_keeps_eos_and_is_counted(tiny_backbone_path, caplog):
     assert cut == 1 and len(ids[1]) == 4 and ids[1][-1] == tok.eos_token_id and ids[0][-1] == tok.eos_token_id
     cfg = load_config(None, ["data.synthetic_train_examples=20"]).data
     task = load_task("polarity", cfg, seed=0)
-    with caplog.at_level(logging.WARNING):
-        enc = encode_task(tok, task, 0, "train", max_source_length=5, max_target_length=8)
-    assert "task polarity (train): 20 of 20 inputs longer than data.max_source_length=5 were truncated" in caplog.text
+    said = []
+    enc = encode_task(tok, task, 0, "train", max_source_length=5, max_target_length=8, warn=said.append)
+    assert said == ["task polarity (train): 20 of 20 inputs longer than data.max_source_length=5 were truncated"]
     assert all(len(x) == 5 for x in enc.inputs)
     batch = collate([enc], [(0, 0), (0, 1)], tok.pad_token_id)
     assert batch["input_ids"].shape == (2, 5) and batch["labels"].shape[0] == 2

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bpt_ds import engine
-from jobs import ROOT, dropout_backbone, TRAIN, ds_command, ds_env, run_ds
+from bpt_ds import checkpoints
+from jobs import ROOT, TRAIN, ds_command, ds_env, dropout_backbone, run_ds, signal_when, stopped_on
 
 pytestmark = pytest.mark.distributed
 
@@ -162,11 +162,13 @@ def test_one_and_two_ranks_and_nodes_agree_and_resume_after_kill_matches(cache, 
     # kill -9 one rank once the run has written a checkpoint: the job ends on its own, naming the
     # lost rank, and the newest checkpoint is intact.
     cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=48")
-    rc, log = interrupt(cmd + ["deepspeed.timeout_minutes=0.2"], killed, signal.SIGKILL, cache, tmp_path / "killed.log")
+    # (A collective timeout of 24 s: the survivor ends soon after the kill; it also bounds start-up,
+    # where ranks of a loaded 2-core machine can be 12 s apart.)
+    rc, log = interrupt(cmd + ["deepspeed.timeout_minutes=0.4"], killed, signal.SIGKILL, cache, tmp_path / "killed.log")
     assert rc != 0
     assert "bpt_ds: error: rank 0: lost contact with the job: rank(s) 1 did not answer." in log
     newest = max((killed / "checkpoints").glob("step*"))
-    assert engine.checkpoint_problem(newest) is None
+    assert checkpoints.checkpoint_problem(newest) is None
     assert (killed / "checkpoints" / "latest").read_text() == newest.name
     assert not (killed / "prompts.safetensors").exists(), "the run was not killed mid-way"
 
@@ -176,18 +178,14 @@ def test_one_and_two_ranks_and_nodes_agree_and_resume_after_kill_matches(cache, 
     rc, log = interrupt(cmd, killed, signal.SIGTERM, cache, tmp_path / "preempted.log", after=newest.name)
     assert f"resumed from step {int(newest.name[4:])} ({newest})" in log
     assert rc == 143, log[-3000:]
-    assert ("[bpt_ds] rank 1: SIGTERM received; a checkpoint will be saved at the next step boundary, then the run "
-            "stops") in log
-    stop = re.search(r"\[bpt_ds\] stopped at step (\d+) on SIGTERM after saving checkpoint (\S+); run the same "
-                     r"command again to resume from it \(train.resume=auto\)", log)
-    assert stop, log[-3000:]
-    saved = killed / "checkpoints" / f"step{int(stop.group(1)):08d}"
-    assert stop.group(2) == str(saved) and engine.checkpoint_problem(saved) is None
+    step, checkpoint = stopped_on(log, "SIGTERM", rank=1)
+    saved = killed / "checkpoints" / f"step{step:08d}"
+    assert checkpoint == str(saved) and checkpoints.checkpoint_problem(saved) is None
 
     # Once more: it resumes from the step SIGTERM saved, and ends where an uninterrupted run does.
     resumed = subprocess.run(cmd, env=ds_env(cache, 2), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed from step {stop.group(1)} ({saved})" in resumed.stdout
+    assert f"resumed from step {step} ({saved})" in resumed.stdout
     # Same seed, config and world size, on CPU: bit-identical prompts, interrupted or not.
     assert torch.equal(prompts(killed), prompts(ref))
     # Only complete checkpoints remain, no more than train.keep_checkpoints of them.
@@ -200,23 +198,14 @@ def interrupt(cmd: list[str], out: Path, sig: int, cache: Path, log: Path, after
     `after`), and waits for the job to end on its own (within 2 minutes). Returns its exit code
     and output."""
     latest = out / "checkpoints" / "latest"
-    with open(log, "w") as sink:
-        job = subprocess.Popen(cmd, env=ds_env(cache, 2), cwd=ROOT, start_new_session=True, stdout=sink,
-                               stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 300
-            while time.time() < deadline and job.poll() is None:
-                if latest.is_file() and latest.read_text() not in ("", after):
-                    break
-                time.sleep(0.1)
-            rank1 = [p for p in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
-            assert len(rank1) == 1, "rank 1 is not running"
-            rank1[0].send_signal(sig)
-            rc = job.wait(timeout=120)
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-    return rc, log.read_text()
+
+    def rank1(job):
+        found = [p for p in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+        assert len(found) == 1, "rank 1 is not running"
+        return found[0]
+
+    return signal_when(cmd, ds_env(cache, 2), log, lambda _: latest.is_file() and latest.read_text() not in ("", after),
+                       rank1, sig)
 
 
 def test_spot_starts_from_an_earlier_prompt(cache, tmp_path):

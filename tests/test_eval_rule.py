@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpt_ds.config import load_config
+from bpt_ds.evaluation import what_is_scored
 from bpt_ds.model import PromptedT5
 from bpt_ds.prompts import PromptBank
+from bpt_ds.runs import load_config
 from bpt_ds.stages import STAGES
 
 TEXTS = ["the good house near a river", "a bad road", "seven gloomy windows in the city", "one cheerful clerk",
@@ -47,15 +48,13 @@ def sequence_logprobs(model: PromptedT5, enc, sequences: list[list[int]]) -> tor
     return (logp * (labels != -100)).sum(1)
 
 
-@pytest.mark.parametrize("max_new_tokens", [6, 1])
-def test_ensemble_generation_picks_the_output_with_the_highest_mean_probability(t5, max_new_tokens):
-    """Each of M = 2 particles decodes greedily; the answer is, per example, the output with the
-    highest (1/M) Σ_m p_m(y | x) (whole sequence, EOS included, no length normalization), checked
-    against one-particle models' greedy decodes scored by teacher-forced forwards in float64. With 1 new token
-    some outputs end without EOS (cut by the limit) and some are EOS alone (an empty answer)."""
-    backbone, tok = t5
+def check_ensemble_generation(backbone, tok, seed: int, max_new_tokens: int) -> tuple[set, int, set]:
+    """Asserts, for M = 2 particles drawn with `seed`, that ensemble generation answers each example
+    with the particles' output of the highest mean probability; returns (the particles whose output
+    won where the two differ, how often the mean prompt's decode differs from the answer, whether
+    each output ended with EOS)."""
     bank = PromptBank(2, 4, backbone.config.d_model)
-    bank.init_random(0.3, torch.Generator().manual_seed(3))
+    bank.init_random(0.3, torch.Generator().manual_seed(seed))
     model = PromptedT5(backbone, bank)
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     task_ids = torch.zeros(len(TEXTS), dtype=torch.long)
@@ -73,15 +72,33 @@ def test_ensemble_generation_picks_the_output_with_the_highest_mean_probability(
     for b in range(len(TEXTS)):
         mean_prob = [(probs[0][k][b] + probs[1][k][b]).item() / 2 for k in range(2)]
         best = max(range(2), key=lambda k: mean_prob[k])
-        assert answer(got[b].tolist(), eos) == candidates[best][b], (b, candidates, mean_prob)
+        assert answer(got[b].tolist(), eos) == candidates[best][b], (seed, b, candidates, mean_prob)
         if candidates[0][b] != candidates[1][b]:
             winners.add(best)
         differs_from_mean += answer(mean_prompt[b], eos) != candidates[best][b]
-    # The case is not trivial: each particle's output wins somewhere, and the mean prompt's decode
-    # (what evaluation used to score) differs from the posterior predictive's answer.
-    assert winners == {0, 1} and differs_from_mean > 0
-    ends = {c[-1] == eos for k in range(2) for c in candidates[k]}
-    assert ends == ({True, False} if max_new_tokens == 1 else {True})  # cut by the limit, or ended
+    return winners, differs_from_mean, {c[-1] == eos for k in range(2) for c in candidates[k]}
+
+
+@pytest.mark.parametrize("max_new_tokens", [6, 1])
+def test_ensemble_generation_picks_the_output_with_the_highest_mean_probability(t5, max_new_tokens):
+    """Each of M = 2 particles decodes greedily; the answer is, per example, the output with the
+    highest (1/M) Σ_m p_m(y | x) (whole sequence, EOS included, no length normalization), checked
+    against one-particle models' greedy decodes scored by teacher-forced forwards in float64. With 1 new token
+    some outputs end without EOS (cut by the limit) and some are EOS alone (an empty answer).
+    Particles are drawn seed after seed until the case is not trivial (every seed drawn is
+    checked): each particle's output wins somewhere, and the mean prompt's decode (what evaluation
+    used to score) differs from the posterior predictive's answer. Which seed that is depends on
+    the tiny backbone's weights, which differ between library versions."""
+    backbone, tok = t5
+    ends = set()
+    for seed in range(3, 23):
+        winners, differs_from_mean, seed_ends = check_ensemble_generation(backbone, tok, seed, max_new_tokens)
+        ends |= seed_ends
+        if winners == {0, 1} and differs_from_mean > 0:
+            break
+    else:
+        pytest.fail("no seed in 3..22 gives two particles that each win somewhere")
+    assert (False in ends) == (max_new_tokens == 1) and True in ends  # cut by the limit, or ended
 
 
 def test_one_particle_ensemble_generation_is_plain_greedy_decoding(t5):
@@ -99,12 +116,6 @@ def test_one_particle_ensemble_generation_is_plain_greedy_decoding(t5):
     assert torch.equal(model.generate(enc.input_ids, enc.attention_mask, task_ids, max_new_tokens=6), plain)
 
 
-def stage_for(*overrides):
-    cfg = load_config(None, list(overrides))
-    stage = STAGES[cfg.stage](cfg)
-    return stage
-
-
 @pytest.mark.parametrize("overrides, ensemble, scored", [
     (["stage=pt"], False, "prompt"),
     (["stage=pt", "prompt.particles=3", "train.global_batch_size=30"], True,
@@ -119,6 +130,5 @@ def stage_for(*overrides):
 def test_every_stage_scores_by_one_rule(overrides, ensemble, scored):
     """M > 1: the posterior predictive, for rank classification and generation alike (pt and target
     with M > 1 score their particles' ensemble, not the mean of independently trained prompts)."""
-    stage = stage_for(*overrides)
-    assert stage._ensemble is ensemble
-    assert stage._scored == scored
+    cfg = load_config(None, list(overrides))
+    assert what_is_scored(STAGES[cfg.stage].eval_ensemble, cfg.prompt.particles) == (ensemble, scored)

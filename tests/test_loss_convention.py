@@ -4,7 +4,7 @@ pt, spot, target, mpt-teachers and mpt-distill: per target token, as Hugging Fac
 it: the token cross-entropy summed over a particle's share of the global batch, divided by the
 number of target tokens in that share. bmtpt-source: per example, each example's summed token
 negative log-likelihood averaged over its particle's block (so svgd.likelihood_scale = N gives
--Σ_n log p(y_n | x_n)). The gradient that the stage's micro-batches and the engine's row weights
+-Σ_n log p(y_n | x_n)). The gradient that the step's micro-batches and row weights
 give, on 1, 2 and 3 ranks and several micro-batch sizes, against one computed by hand: explicit
 loops over examples and tokens, one forward pass per example. DeepSpeed's part (divide by the
 accumulation steps, average over ranks) is done here as it documents it; tests/test_loss_runs.py
@@ -15,21 +15,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpt_ds import engine as eng
 from bpt_ds.data.batching import EncodedTask
 from bpt_ds.model import PromptedT5
 from bpt_ds.prompts import PromptBank
-from bpt_ds.stages.bmtpt import BMTPTSource
-from bpt_ds.stages.prompt_tuning import PromptTuning
+from bpt_ds.stages.bmtpt_source import BMTPTSource
+from bpt_ds.stages.pt import PromptTuning
+from bpt_ds.step import Placement, micro_batches, row_weights
 
 # Target lengths in tokens (eos included): 1, 2 and 5, so a per-row mean would weight them unequally.
 TARGETS = [[1], [17, 1], [30, 31, 32, 33, 1], [40, 1], [50, 51, 52, 53, 1], [1]]
 INPUTS = [[5, 6, 7, 1], [8, 9, 1], [7, 7, 10, 11, 1], [12, 1], [13, 14, 15, 1], [16, 17, 18, 1]]
-
-
-class FixedSampler:
-    def global_batch_at(self, step: int):
-        return [(0, i) for i in range(len(TARGETS))]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +34,10 @@ def backbone(tiny_backbone_path):
     return T5ForConditionalGeneration.from_pretrained(tiny_backbone_path).requires_grad_(False).double()
 
 
-def stage_on_rank(cls, placement: "eng.Placement", rank: int, micro: int):
-    """The stage's own batches_at on rank `rank`, without loading anything."""
-    st = object.__new__(cls)
-    st.sampler, st.placement, st.rank, st.micro, st.pad_id = FixedSampler(), placement, rank, micro, 0
-    st.train_tasks = [EncodedTask("t", 0, [], INPUTS, TARGETS, [], [])]
-    return st
+def rank_batches(cls, placement: Placement, rank: int, micro: int) -> list[dict]:
+    """Rank `rank`'s micro-batches of the global batch of all six examples under the stage's loss unit."""
+    tasks = [EncodedTask("t", 0, [], INPUTS, TARGETS, [], [])]
+    return micro_batches([(0, i) for i in range(len(TARGETS))], placement, rank, micro, cls.loss_unit, tasks, 0)
 
 
 def hand_gradient(backbone, start: torch.Tensor, blocks: list[list[int]], per_token: bool) -> torch.Tensor:
@@ -70,23 +63,23 @@ def hand_gradient(backbone, start: torch.Tensor, blocks: list[list[int]], per_to
 
 
 def engine_gradient(backbone, start, cls, mode: str, world: int, micro: int) -> torch.Tensor:
-    """What train_step hands DeepSpeed on every rank, reduced as DeepSpeed does it: the sum of the
+    """What Stepper.step hands DeepSpeed on every rank, reduced as DeepSpeed does it: the sum of the
     weighted rows' gradients over the rank's micro-batches, divided by the accumulation steps,
     averaged over the ranks."""
     m = start.shape[0]
-    placement = eng.Placement.make(mode, m, world, len(TARGETS))
+    placement = Placement.make(mode, m, world, len(TARGETS))
     accumulation = len(TARGETS) // world // micro
     bank = PromptBank(m, start.shape[1], start.shape[2])
     bank.init_rows(start.float())
     bank.double()
     model = PromptedT5(backbone, bank)
     for r in range(world):
-        _, micro_batches = stage_on_rank(cls, placement, r, micro).batches_at(0)
-        assert len(micro_batches) == accumulation
-        for mb in micro_batches:
+        batches = rank_batches(cls, placement, r, micro)
+        assert len(batches) == accumulation
+        for mb in batches:
             mb = dict(mb)
-            weights, units = eng.row_weights(mb, placement.row_weight(accumulation))
-            rows, _ = model(**mb)
+            weights, units = row_weights(mb, placement.row_weight(accumulation))
+            rows, _, _ = model(**mb)
             reps = rows.shape[0] // weights.shape[0]
             ((rows * weights.repeat(reps).to(rows.dtype)).sum() / accumulation / world).backward()
     return bank.particles.grad
@@ -129,11 +122,11 @@ def test_svgd_likelihood_sums_each_examples_tokens(backbone, particles, world, m
 def test_row_weights_carry_the_global_counts():
     """The stage's micro-batches carry each row's units (its target tokens, or 1) and its particle's
     units in the whole global batch, the same on every rank."""
-    placement = eng.Placement.make("split", 3, 3, 6)
-    mbs = [stage_on_rank(PromptTuning, placement, r, 1).batches_at(0)[1] for r in range(3)]
+    placement = Placement.make("split", 3, 3, 6)
+    mbs = [rank_batches(PromptTuning, placement, r, 1) for r in range(3)]
     assert [mb["loss_units"].tolist() for rank in mbs for mb in rank] == [[1], [2], [5], [2], [5], [1]]
     assert [mb["loss_denominator"].tolist() for rank in mbs for mb in rank] == [[3], [3], [7], [7], [6], [6]]
-    every = stage_on_rank(PromptTuning, eng.Placement.make("every", 2, 2, 6), 1, 3).batches_at(0)[1]
+    every = rank_batches(PromptTuning, Placement.make("every", 2, 2, 6), 1, 3)
     assert every[0]["loss_units"].tolist() == [2, 5, 1] and every[0]["loss_denominator"].tolist() == [16] * 3
-    source = stage_on_rank(BMTPTSource, placement, 2, 2).batches_at(0)[1]
+    source = rank_batches(BMTPTSource, placement, 2, 2)
     assert source[0]["loss_units"].tolist() == [1, 1] and source[0]["loss_denominator"].tolist() == [2, 2]

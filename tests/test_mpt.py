@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bpt_ds.config import ConfigError, load_config
+from bpt_ds.errors import ConfigError
+from bpt_ds.runs import load_config
 from bpt_ds.data.batching import TaskBlockSampler, TaskSubsetSampler
 from bpt_ds.model import DistilledT5, PromptedT5
 from bpt_ds.prompts import PromptBank
@@ -239,12 +240,12 @@ def test_mpt_defaults():
 
 
 def test_teacher_ranks_must_fit():
-    from bpt_ds.stages.mpt import check_teacher_world
+    from bpt_ds.stages.mpt_teachers import MPTTeachers
 
     cfg = load_config(None, ["stage=mpt-teachers", "data.tasks=[sentiment, mood, topic]", "train.global_batch_size=30"])
-    check_teacher_world(cfg, 3)
+    MPTTeachers.placement(cfg, 3)
     with pytest.raises(ConfigError) as e:
-        check_teacher_world(cfg, 2)
+        MPTTeachers.placement(cfg, 2)
     assert str(e.value) == ("stage 'mpt-teachers': its 3 teachers (one per task of data.tasks) are placed whole on "
                             "ranks, so 3 and the number of ranks (2) must divide one another; launch 1 or 3 or 6 or "
                             "9 or 12 ranks")

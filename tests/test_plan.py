@@ -155,7 +155,7 @@ def test_cli_picks_the_fastest_setup_that_fits_and_writes_its_ds_config(tmp_path
 
 
 def test_scale_configs_name_the_setup_the_planner_picks_for_their_hardware():
-    from bpt_ds.config import load_runs
+    from bpt_ds.runs import load_runs
 
     configs = sorted((ROOT / "configs/scale").glob("*.yaml"))
     assert len(configs) == 8
@@ -240,8 +240,8 @@ def test_cli_checks_host_memory_by_default_and_says_which_it_assumed(monkeypatch
 
 def xxl_run(tmp_path, *overrides):
     """A run config for t5-v1_1-xxl (its config.json only) and its resolved DeepSpeed config."""
-    from bpt_ds import engine
-    from bpt_ds.config import load_config
+    from bpt_ds import deepspeed_setup
+    from bpt_ds.runs import load_config
 
     d = plan.PRESETS["t5-v1_1-xxl"]
     T5Config(d_model=d.d_model, d_ff=d.d_ff, d_kv=d.d_kv, num_heads=d.num_heads, num_layers=d.num_layers,
@@ -250,11 +250,11 @@ def xxl_run(tmp_path, *overrides):
     cfg = load_config(None, [f"model.name_or_path={tmp_path / 'xxl'}", "model.dtype=bf16",
                              "train.global_batch_size=32", "train.micro_batch_size=4",
                              "data.max_source_length=256", *overrides])
-    return cfg, engine.resolve_ds_config(cfg, 8), str(tmp_path / "xxl")
+    return cfg, deepspeed_setup.resolve_ds_config(cfg, 8), str(tmp_path / "xxl")
 
 
 def test_the_trainer_checks_host_memory_and_names_the_figure_it_assumed(tmp_path):
-    from bpt_ds.config import ConfigError
+    from bpt_ds.errors import ConfigError
 
     cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/replicated_bf16.json")
     with pytest.raises(ConfigError) as e:
@@ -280,16 +280,16 @@ def test_on_cpu_the_ranks_of_a_node_share_its_memory(tmp_path, monkeypatch):
     checks what every rank of the node holds there, against this machine's memory."""
     import psutil
 
-    from bpt_ds import engine
-    from bpt_ds.config import ConfigError
+    from bpt_ds import deepspeed_setup
+    from bpt_ds.errors import ConfigError
 
     cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/zero3_bf16.json")
-    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(deepspeed_setup, "on_gpu", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setattr(engine, "world_size", lambda: 8)
+    monkeypatch.setattr(deepspeed_setup, "world_size", lambda: 8)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=64 * 2**30))
     with pytest.raises(ConfigError) as e:
-        engine.check_memory(cfg, ds, path, "every")
+        deepspeed_setup.check_memory(cfg, ds, path, "every")
     one = plan.check_run(cfg, ds, path, "every", 8, 8, 80 * 2**30, 10**15)  # the same run on a GPU
     need = (8 * one.total + one.cpu_per_node) / 2**30
     assert str(e.value).startswith(
@@ -300,12 +300,12 @@ def test_on_cpu_the_ranks_of_a_node_share_its_memory(tmp_path, monkeypatch):
     # With room for it, the estimate comes back (it used to be skipped on CPU).
     big = dict(cfg=cfg, ds_config=ds, model_path=path, placement="every")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=2**50))
-    fit = engine.check_memory(**big)
+    fit = deepspeed_setup.check_memory(**big)
     assert fit is not None and fit.total == one.total
     # An explicit figure replaces this machine's, and is named.
     cfg, ds, path = xxl_run(tmp_path, "deepspeed.config=ds_configs/zero3_bf16.json", "deepspeed.host_memory_gb=48")
     with pytest.raises(ConfigError) as e:
-        engine.check_memory(cfg, ds, path, "every")
+        deepspeed_setup.check_memory(cfg, ds, path, "every")
     assert "but a node has 48.0 GiB (deepspeed.host_memory_gb); " in str(e.value)
 
 

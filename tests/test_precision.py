@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bpt_ds.config import ConfigError, load_config
-from bpt_ds.engine import resolve_ds_config
+from bpt_ds.errors import ConfigError
+from bpt_ds.runs import load_config
+from bpt_ds.deepspeed_setup import resolve_ds_config
 from jobs import ROOT, run_ds
 
 SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))

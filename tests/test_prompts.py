@@ -97,7 +97,7 @@ def test_all_particles_in_one_pass_match_one_pass_per_particle(tiny_backbone_pat
     batch = dict(input_ids=torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]),
                  attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
                  labels=torch.tensor([[10, 1], [11, 1]]), task_ids=torch.zeros(2, dtype=torch.long))
-    rows, parts = model(**batch)
+    rows, parts, _ = model(**batch)
     assert parts.tolist() == [0, 0, 1, 1, 2, 2]  # row m·B + b is particle m on example b
     losses = rows.view(3, 2).mean(1)
     losses.sum().backward()
@@ -134,37 +134,32 @@ def test_particle_ids_put_each_example_under_its_own_particle(tiny_backbone_path
     batch = dict(input_ids=torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0], [7, 7, 1, 0]]),
                  attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]]),
                  labels=torch.tensor([[10, 1], [11, 1], [10, 1]]), task_ids=torch.tensor([0, 1, 1]))
-    every, _ = model(**batch)                       # [M·B]: particle m on example b at m·B + b
+    every, _, _ = model(**batch)                       # [M·B]: particle m on example b at m·B + b
     picked = torch.tensor([2, 0, 1])
-    rows, parts = model(**batch, particle_ids=picked)
+    rows, parts, _ = model(**batch, particle_ids=picked)
     assert parts.tolist() == [2, 0, 1]
     torch.testing.assert_close(rows, every.view(3, 3)[picked, torch.arange(3)], rtol=1e-5, atol=1e-6)
 
 
-def test_bmtpt_source_warns_about_equal_particles_and_spreads_them(caplog):
+def test_bmtpt_source_warns_about_equal_particles_and_spreads_them():
     """Equal particles feel no repulsion: the source stage says so, and svgd.init_noise spreads them."""
-    from bpt_ds.config import load_config
-    from bpt_ds.stages.bmtpt import BMTPTSource
+    from bpt_ds.runs import load_config
+    from bpt_ds.stages.bmtpt_source import BMTPTSource
 
     def start(*overrides):
         bank = PromptBank(3, 4, 8)
         bank.load_tensors({"particles": torch.ones(1, 4, 8)}, "f")
         stage = BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3",
                                                "train.global_batch_size=30", *overrides]))
-        stage.is_main = True
-        stage.after_init(bank)
-        return bank.particles.detach()
+        return bank.particles.detach(), stage.init_bank(bank)
 
-    with caplog.at_level("WARNING"):
-        same = start()
+    same, warnings = start()
     assert torch.equal(same, torch.ones(3, 4, 8))
-    assert ("bmtpt-source: all 3 particles start equal (prompt.init_file holds one prompt?); SVGD's repulsion is "
-            "zero between equal particles, so they would stay equal. Set svgd.init_noise (e.g. 0.01) to spread them."
-            ) in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        spread = start("svgd.init_noise=0.01")
-    assert "start equal" not in caplog.text
+    assert warnings == [
+        "bmtpt-source: all 3 particles start equal (prompt.init_file holds one prompt?); SVGD's repulsion is "
+        "zero between equal particles, so they would stay equal. Set svgd.init_noise (e.g. 0.01) to spread them."]
+    spread, warnings = start("svgd.init_noise=0.01")
+    assert warnings == []
     assert 0.005 < (spread - 1).std().item() < 0.02 and not torch.equal(spread[0], spread[1])
 
 

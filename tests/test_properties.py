@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from bpt_ds.config import ConfigError, DataConfig, LocalTaskConfig, RunConfig, load_config, to_dict
+from bpt_ds.config import DataConfig, LocalTaskConfig, RunConfig, to_dict
+from bpt_ds.errors import ConfigError
+from bpt_ds.runs import load_config
 from bpt_ds.data.batching import encode_task
 from bpt_ds.data.tasks import DataError, load_task
 from bpt_ds.prompts import PromptBank, load_prompts_file

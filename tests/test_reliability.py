@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bpt_ds import engine
-from bpt_ds.config import ConfigError
-from jobs import ROOT, TRAIN, ds_env, run_ds
+from bpt_ds import checkpoints, files
+from bpt_ds.errors import ConfigError
+from jobs import ROOT, TRAIN, ds_env, run_ds, signal_when, stopped_on
 
 
 def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors", world_size: int = 1) -> Path:
@@ -32,24 +31,24 @@ def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors", world_si
     d.mkdir(parents=True)
     (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 100)
     (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(payload)
-    manifest = {"format": 1, "step": step, "world_size": world_size, "files": engine.file_digests(d)}
-    (d / engine.MANIFEST).write_text(json.dumps(manifest))
+    manifest = {"format": 1, "step": step, "world_size": world_size, "files": checkpoints.file_digests(d)}
+    (d / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     (root / "latest").write_text(d.name)
     return d
 
 
 def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(tmp_path):
     root = tmp_path / "checkpoints"
-    assert engine.choose_checkpoint(root) == (None, [])
+    assert checkpoints.choose_checkpoint(root) == (None, [])
     fake_checkpoint(root, 6)
     fake_checkpoint(root, 12)
     newest = fake_checkpoint(root, 18)
-    assert engine.checkpoint_problem(newest) is None
-    assert engine.choose_checkpoint(root) == ("step00000018", [])
+    assert checkpoints.checkpoint_problem(newest) is None
+    assert checkpoints.choose_checkpoint(root) == ("step00000018", [])
 
     # A truncated file: the one before is used, with a warning; the damaged one is kept aside.
     (newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"tensors" * 10)
-    tag, notes = engine.choose_checkpoint(root)
+    tag, notes = checkpoints.choose_checkpoint(root)
     assert tag == "step00000012"
     [note] = notes
     assert note.startswith(f"checkpoint {newest} is damaged: zero_pp_rank_0_mp_rank_00_optim_states.pt has 70 "
@@ -61,14 +60,14 @@ def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(t
     # Same size, other bytes; a missing file; no manifest at all.
     middle = root / "step00000012"
     (middle / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"TENSORS")
-    assert engine.checkpoint_problem(middle) == ("zero_pp_rank_0_mp_rank_00_model_states.pt does not match its "
+    assert checkpoints.checkpoint_problem(middle) == ("zero_pp_rank_0_mp_rank_00_model_states.pt does not match its "
                                                  "sha256 in the manifest (corrupted)")
     (root / "step00000006" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
-    assert engine.checkpoint_problem(root / "step00000006") == "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"
+    assert checkpoints.checkpoint_problem(root / "step00000006") == "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"
     (root / "step00000003").mkdir()
-    assert engine.checkpoint_problem(root / "step00000003") == "it is empty"
-    with pytest.raises(engine.CheckpointError) as e:
-        engine.choose_checkpoint(root)
+    assert checkpoints.checkpoint_problem(root / "step00000003") == "it is empty"
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.choose_checkpoint(root)
     assert str(e.value).startswith(f"no intact checkpoint in {root} (step00000012: zero_pp_rank_0_mp_rank_00_model"
                                    "_states.pt does not match its sha256 in the manifest (corrupted); step00000006: ")
     assert str(e.value).endswith("each moved to damaged-*). Rerun to start from step 0, or restore a copy of the "
@@ -80,23 +79,23 @@ def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(t
 def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks(tmp_path, capsys):
     """pick_checkpoint, which setup calls before the backbone loads (here as a job of one)."""
     root = tmp_path / "checkpoints"
-    assert engine.pick_checkpoint(root) is None
+    assert checkpoints.pick_checkpoint(root) is None
     fake_checkpoint(root, 6)
     newest = fake_checkpoint(root, 12)
     (newest / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
-    assert engine.pick_checkpoint(root) == "step00000006"
+    assert checkpoints.pick_checkpoint(root) == "step00000006"
     assert capsys.readouterr().err.startswith(
         f"[bpt_ds] warning: checkpoint {newest} is damaged: zero_pp_rank_0_mp_rank_00_model_states.pt has 0 bytes, "
         "the manifest says 7 (truncated?). It was moved to ")
     # Written before manifests existed: loaded, unverified, with a warning.
     legacy = fake_checkpoint(root, 15)
-    (legacy / engine.MANIFEST).unlink()
-    assert engine.pick_checkpoint(root) == "step00000015"
+    (legacy / checkpoints.MANIFEST).unlink()
+    assert checkpoints.pick_checkpoint(root) == "step00000015"
     assert capsys.readouterr().err == (f"[bpt_ds] warning: checkpoint {legacy} has no manifest.json (written by an "
                                        "earlier bpt_ds): it is loaded without checking its files\n")
     fake_checkpoint(root, 18, world_size=2)
-    with pytest.raises(engine.CheckpointError) as e:
-        engine.pick_checkpoint(root)
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.pick_checkpoint(root)
     assert str(e.value) == (f"checkpoint {root / 'step00000018'} was written by 2 rank(s) and this run has 1: ZeRO "
                             "keeps optimizer state per rank. Launch 2 rank(s) to resume, or start over with "
                             "train.resume=never")
@@ -110,7 +109,7 @@ class Payload:
 
 
 def test_checkpoint_files_load_as_plain_tensors_only(tmp_path):
-    load = engine._weights_only_engine(None).load
+    load = checkpoints._weights_only_engine(None).load
     good = tmp_path / "good.pt"
     torch.save({"module": {"w": torch.ones(2)}, "step": 3}, good)
     assert torch.equal(load(str(good))["module"]["w"], torch.ones(2))
@@ -118,7 +117,7 @@ def test_checkpoint_files_load_as_plain_tensors_only(tmp_path):
     evil = tmp_path / "evil.pt"
     Payload.marker = tmp_path / "ran"
     torch.save({"module": {"w": torch.ones(2)}, "extra": Payload()}, evil)
-    with pytest.raises(engine.CheckpointError) as e:
+    with pytest.raises(checkpoints.CheckpointError) as e:
         load(str(evil))
     assert str(e.value) == (f"checkpoint file {evil} holds more than tensors and plain values (it needs posix.system); "
                             "bpt_ds loads checkpoints with torch.load(weights_only=True) and runs no code from them. "
@@ -130,17 +129,17 @@ def test_an_unwritable_output_dir_or_a_small_disk_fails_before_training(tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(ConfigError) as e:
-        engine.check_writable(blocker / "run")
+        files.check_writable(blocker / "run")
     assert str(e.value) == (f"output_dir: cannot write to '{blocker / 'run'}' (Not a directory); choose a directory "
                             "this job can write to on every node, e.g. output_dir=$HOME/runs/<name>")
-    engine.check_writable(tmp_path / "new" / "run")  # created, probed, left empty
+    files.check_writable(tmp_path / "new" / "run")  # created, probed, left empty
     assert list((tmp_path / "new" / "run").iterdir()) == []
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 3 * 2**20, 3 * 2**20))
-    engine.check_free_space(tmp_path / "not-yet" / "run", 3 * 2**20, "the checkpoints")
+    files.check_free_space(tmp_path / "not-yet" / "run", 3 * 2**20, "the checkpoints")
     with pytest.raises(ConfigError) as e:
-        engine.check_free_space(tmp_path / "not-yet" / "run", 5 * 2**20, "2 checkpoint(s) and the prompt files")
+        files.check_free_space(tmp_path / "not-yet" / "run", 5 * 2**20, "2 checkpoint(s) and the prompt files")
     assert str(e.value) == (f"output_dir: the file system of '{tmp_path / 'not-yet' / 'run'}' has 3.0 MiB free, and 2 "
                             "checkpoint(s) and the prompt files need about 5.0 MiB; free some space or choose another "
                             "output_dir")
@@ -187,17 +186,17 @@ def test_an_output_that_cannot_be_written_is_retried_then_rescued(tmp_path, monk
             raise failures.pop()
         path.write_bytes(b"prompts")
 
-    engine.write_with_retry(target, write, minutes=1, interval=0.01)
+    files.write_with_retry(target, write, minutes=1, interval=0.01)
     assert target.read_bytes() == b"prompts" and not failures
     err = capsys.readouterr().err
     assert err.startswith(f"[bpt_ds] could not write {target}: [Errno 28] No space left on device. Its data stays in "
                           "memory: free space or fix the permissions; retrying every 0 s for 1 min")
     assert err.count("could not write") == 1  # said once, not once per retry
 
-    monkeypatch.setattr(engine.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(files.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     failures[:] = [OSError(errno.EROFS, "Read-only file system")] * 1000
-    with pytest.raises(engine.SaveError) as e:
-        engine.write_with_retry(target, write, minutes=0)
+    with pytest.raises(files.SaveError) as e:
+        files.write_with_retry(target, write, minutes=0)
     rescued = tmp_path / "tmp" / f"bpt_ds-rescue-{os.getpid()}" / "prompts.safetensors"
     assert str(e.value) == (f"could not write {target}: [Errno 30] Read-only file system; it was written to {rescued} "
                             f"instead; copy it to {target.parent} once there is room")
@@ -207,7 +206,7 @@ def test_an_output_that_cannot_be_written_is_retried_then_rescued(tmp_path, monk
 
 def optimizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's optimizer files: fp32 prompts, Adam's moments and step."""
-    torch.serialization.add_safe_globals(engine._checkpoint_globals())
+    torch.serialization.add_safe_globals(checkpoints._checkpoint_globals())
     out = {}
 
     def walk(obj, key):
@@ -260,7 +259,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     # The full disk skipped step 1's checkpoint; the halted step 8 wrote none.
     root = out / "checkpoints"
     assert sorted(p.name for p in root.glob("step*")) == [f"step{s:08d}" for s in range(2, 8)]
-    assert all(engine.checkpoint_problem(p) is None for p in root.glob("step*"))
+    assert all(checkpoints.checkpoint_problem(p) is None for p in root.glob("step*"))
     # A skipped step moves neither the prompts nor Adam's moments and step count; a good one does.
     state = {s: optimizer_state(root / f"step{s:08d}") for s in range(2, 8)}
     assert len(state[2]) == 8  # 2 ranks x (fp32 prompts, exp_avg, exp_avg_sq, step)
@@ -305,32 +304,17 @@ def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone
     out = tmp_path / "run"
     args = [f"output_dir={out}", "train.save_every=100", "train.eval_every=0", "train.log_every=1",
             "prompt.length=4", "train.global_batch_size=8", "data.max_eval_examples=8"]
-    log = tmp_path / "run.log"
-    with open(log, "w") as sink:
-        job = subprocess.Popen([sys.executable, TRAIN, *args, "train.steps=400"], env=ds_env(cache, 1), cwd=ROOT,
-                               stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 300
-            while time.time() < deadline and job.poll() is None:
-                steps = [int(n) for n in re.findall(r"\| *(\d+)/400", log.read_text())]  # the progress bar
-                if steps and max(steps) >= 3:
-                    break
-                time.sleep(0.1)
-            job.send_signal(signal.SIGINT)
-            rc = job.wait(timeout=120)
-        finally:
-            if job.poll() is None:
-                job.kill()
-    text = log.read_text()
+
+    def three_steps(text: str) -> bool:
+        steps = [int(n) for n in re.findall(r"\| *(\d+)/400", text)]  # the progress bar
+        return bool(steps) and max(steps) >= 3
+
+    rc, text = signal_when([sys.executable, TRAIN, *args, "train.steps=400"], ds_env(cache, 1), tmp_path / "run.log",
+                           three_steps, lambda job: job, signal.SIGINT)
     assert rc == 130, text[-3000:]
-    assert ("[bpt_ds] rank 0: SIGINT received; a checkpoint will be saved at the next step boundary, then the run "
-            "stops (Ctrl-C again stops at once, without saving)") in text
-    stop = re.search(r"\[bpt_ds\] stopped at step (\d+) on SIGINT after saving checkpoint (\S+); run the same "
-                     r"command again to resume from it \(train.resume=auto\)", text)
-    assert stop, text[-3000:]
+    step, checkpoint = stopped_on(text, "SIGINT", rank=0)
     assert "Traceback" not in text
-    step = int(stop.group(1))
-    assert stop.group(2) == str(out / "checkpoints" / f"step{step:08d}")
+    assert checkpoint == str(out / "checkpoints" / f"step{step:08d}")
     assert (out / "checkpoints" / "latest").read_text() == f"step{step:08d}"
 
     def loss_steps() -> list[int]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bpt_ds.config import load_config, load_runs
-from bpt_ds.stages.prompt_tuning import config_fingerprint
+from bpt_ds.runs import load_config, load_runs
+from bpt_ds.config import config_fingerprint
 from jobs import ROOT, TRAIN, ds_env
 
 # A short run of the tiny T5: 4-token prompt, small batches, a short final evaluation.
@@ -153,7 +153,7 @@ def test_more_steps_after_a_finished_run_follow_the_longer_schedule_and_say_so(t
 
 def test_the_schedule_note_speaks_only_when_the_schedule_changes():
     from bpt_ds.config import TrainConfig
-    from bpt_ds.stages.prompt_tuning import schedule_note
+    from bpt_ds.deepspeed_setup import schedule_note
 
     linear = TrainConfig(steps=200)
     assert schedule_note(linear, 200, 100, 0.15, 0.15) is None  # the same total: nothing changes
@@ -173,15 +173,15 @@ def test_the_schedule_note_speaks_only_when_the_schedule_changes():
 def test_a_checkpoint_written_under_the_old_loss_convention_is_refused_by_name(tmp_path):
     """Checkpoints (and done.json) from before the per-token / per-example loss carry no
     loss_convention: continuing one would mix two objectives, so it is refused, naming the entry."""
-    from bpt_ds.config import ConfigError
-    from bpt_ds.stages.prompt_tuning import LOSS_CONVENTION, PromptTuning
+    from bpt_ds.errors import ConfigError
+    from bpt_ds.checkpoints import check_same_config
+    from bpt_ds.config import LOSS_CONVENTION
 
     cfg = load_config(None, [f"output_dir={tmp_path}"])
-    recipe = PromptTuning(cfg)
     now = config_fingerprint(cfg)
     assert now["loss_convention"] == LOSS_CONVENTION
-    recipe._check_same_config(dict(now))  # the same computation continues
+    check_same_config(cfg, dict(now))  # the same computation continues
     old = {k: v for k, v in now.items() if k != "loss_convention"}
     with pytest.raises(ConfigError, match=re.escape(f"(loss_convention: None -> {LOSS_CONVENTION!r}); resuming "
                                                     "would mix two runs")):
-        recipe._check_same_config(old)
+        check_same_config(cfg, old)

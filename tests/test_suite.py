@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 
-from bpt_ds.config import ConfigError, load_config
+from bpt_ds.errors import ConfigError
+from bpt_ds.runs import load_config
 from bpt_ds.data.registry import REGISTRY, few_shot, make_splits
 from bpt_ds.data.tasks import DataError, load_task
 from suite_fixtures import write_jsonl, write_suite
@@ -213,7 +214,7 @@ def test_hub_path_reads_a_local_copy_of_the_hub_dataset(tmp_path):
 
 def test_hub_without_network_fails_with_the_fix():
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    code = ("from bpt_ds.config import load_config\nfrom bpt_ds.data.tasks import load_task, DataError\n"
+    code = ("from bpt_ds.runs import load_config\nfrom bpt_ds.data.tasks import load_task, DataError\n"
             "try:\n    load_task('boolq', load_config(None, []).data, 0)\n"
             "except DataError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout

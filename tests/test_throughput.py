@@ -78,7 +78,7 @@ def test_model_flops_of_a_step_match_torchs_flop_counter(gated):
 def test_fused_adamw_makes_the_same_updates_and_skips_alike():
     """train.fused_adamw: torch's fused kernel against its default AdamW, through SkippableAdamW
     (a skipped step moves neither the values nor the moments nor the step count)."""
-    from bpt_ds.engine import SkippableAdamW
+    from bpt_ds.deepspeed_setup import SkippableAdamW
 
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(3, 8, 16, generator=gen)

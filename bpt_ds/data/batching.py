@@ -5,16 +5,15 @@ batches an uninterrupted run would have seen, and every rank agrees on the globa
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..model import IGNORE
+from .. import report
+from ..likelihood import IGNORE
 from .tasks import DataError, TaskData
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,19 +43,20 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[lis
     return out, cut
 
 
-def encode_task(tokenizer, task: TaskData, task_id: int, split: str,
-                max_source_length: int, max_target_length: int) -> EncodedTask:
-    """split: train, validation (the dev set) or test."""
+def encode_task(tokenizer, task: TaskData, task_id: int, split: str, max_source_length: int,
+                max_target_length: int, warn: Callable[[str], None] = report.warn) -> EncodedTask:
+    """split: train, validation (the dev set) or test. warn: says what was truncated (RunData
+    passes its reporter's, which speaks on rank 0 only)."""
     rows = getattr(task, split)
     inputs, cut_in = encode_texts(tokenizer, [r["input"] for r in rows], max_source_length)
     if cut_in:
-        log.warning("task %s (%s): %d of %d inputs longer than data.max_source_length=%d were truncated",
-                    task.name, split, cut_in, len(rows), max_source_length)
+        warn(f"task {task.name} ({split}): {cut_in} of {len(rows)} inputs longer than "
+             f"data.max_source_length={max_source_length} were truncated")
     if task.kind == "qa":
         targets, cut_out = encode_texts(tokenizer, [r["target"] for r in rows], max_target_length)
         if cut_out and split == "train":
-            log.warning("task %s: %d of %d answers longer than data.max_target_length=%d were truncated",
-                        task.name, cut_out, len(rows), max_target_length)
+            warn(f"task {task.name}: {cut_out} of {len(rows)} answers longer than "
+                 f"data.max_target_length={max_target_length} were truncated")
         return EncodedTask(task.name, task_id, [], inputs, targets, [], [], task.kind, task.metrics, rows)
     label_ids, cut_lab = encode_texts(tokenizer, task.labels, max_target_length)
     if cut_lab:

@@ -12,16 +12,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import ConfigError, DataConfig, LocalTaskConfig
+from ..errors import ConfigError, DataError  # noqa: F401  (DataError: raised here, importable from here)
 from .registry import REGISTRY, RowError, few_shot, make_splits
 from .synthetic import SYNTHETIC_TASKS, make_examples
 
+if TYPE_CHECKING:
+    from ..config import DataConfig, LocalTaskConfig
+
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file, row and fix."""
 
 
 @dataclass

@@ -16,9 +16,9 @@ import deepspeed
 import torch
 
 from _common import script_args
-from bpt_ds.config import load_config
+import bpt_ds.runner as runner
+from bpt_ds.runs import load_config
 from bpt_ds.stages import STAGES
-import bpt_ds.stages.prompt_tuning as pt
 
 
 def status_mb(key: str) -> float:
@@ -59,12 +59,12 @@ def main() -> None:
         load["gathers"] = gathers[0]
         return backbone
 
-    real_load = pt.load_backbone
-    pt.load_backbone = measured_load
+    real_load = runner.load_backbone
+    runner.load_backbone = measured_load
     cfg = load_config(None, overrides)
-    recipe = STAGES[cfg.stage](cfg)
+    recipe = runner.Runner(cfg, STAGES[cfg.stage](cfg))
     recipe.setup()
-    model = recipe.engine.model.backbone
+    model = recipe.deepspeed.model.backbone
     params = dict(model.named_parameters())
     before = partition_digests(model)
     recipe.train()

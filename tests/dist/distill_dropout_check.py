@@ -11,19 +11,22 @@ from __future__ import annotations
 import torch
 
 from _common import script_args, write_result
-from bpt_ds import engine as eng
-from bpt_ds.config import load_config
-from bpt_ds.stages.mpt import MPTDistill
+from bpt_ds.evaluation import to_device
+from bpt_ds.runner import Runner
+from bpt_ds.runs import load_config
+from bpt_ds.stages.mpt_distill import MPTDistill
+from bpt_ds.step import row_weights
 
 
 def main() -> None:
     result_path, *overrides = script_args()
-    recipe = MPTDistill(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    recipe = Runner(cfg, MPTDistill(cfg))
     recipe.setup()
-    ds, model = recipe.engine.ds, recipe.engine.model
+    ds, model = recipe.deepspeed.ds, recipe.deepspeed.model
     _, micro = recipe.batches_at(0)
-    mb = recipe.engine._to_device(micro[0])
-    eng.row_weights(mb, 1.0)  # drop the loss weights: the model's own inputs remain
+    mb = to_device(micro[0], recipe.deepspeed.device)
+    row_weights(mb, 1.0)  # drop the loss weights: the model's own inputs remain
     dec = model.backbone.prepare_decoder_input_ids_from_labels(labels=mb["labels"])
     embeds = model.backbone.get_input_embeddings()(mb["input_ids"])
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 from _common import script_args  # noqa: E402
 
 import train  # noqa: E402  launch/train.py
-from bpt_ds import engine, model, svgd  # noqa: E402
+from bpt_ds import checkpoints, files, model, runner, svgd  # noqa: E402
 
 FAULTS = json.loads(os.environ.get("BPT_DS_FAULTS", "{}"))
 RANK = os.environ.get("RANK", "0")
@@ -64,17 +64,18 @@ def faulty_terms(*args, **kwargs):
     return out
 
 
-free_bytes = engine.free_bytes
+free_bytes = files.free_bytes
 
 
 def full_disk_when(full, fn):
-    """fn, seeing no free space (engine.free_bytes 0) on the calls where full() says so."""
+    """fn, seeing no free space (free_bytes 0, where files and checkpoints read it) on the calls
+    where full() says so."""
     def wrapped(*args, **kwargs):
-        engine.free_bytes = (lambda path: 0) if full() else free_bytes
+        files.free_bytes = checkpoints.free_bytes = (lambda path: 0) if full() else free_bytes
         try:
             return fn(*args, **kwargs)
         finally:
-            engine.free_bytes = free_bytes
+            files.free_bytes = checkpoints.free_bytes = free_bytes
 
     return wrapped
 
@@ -94,8 +95,8 @@ def weights_only_load(*args, **kwargs):
 
 
 model.PromptedT5.forward = faulty_forward
-engine.check_free_space = full_disk_when(lambda: RANK in FAULTS.get("no_space_at_start", []), engine.check_free_space)
-engine.Engine.save_checkpoint = full_disk_when(nth_save, engine.Engine.save_checkpoint)
+runner.check_free_space = full_disk_when(lambda: RANK in FAULTS.get("no_space_at_start", []), files.check_free_space)
+checkpoints.Checkpointer.save = full_disk_when(nth_save, checkpoints.Checkpointer.save)
 torch.load = weights_only_load
 svgd.svgd_terms = faulty_terms
 

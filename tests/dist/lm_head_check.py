@@ -12,7 +12,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from _common import script_args, write_result
 from bpt_ds.backbone import checkpoint_tensor, load_backbone
-from bpt_ds.engine import init_distributed, world_size
+from bpt_ds.distributed import init_distributed, world_size
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False},
              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

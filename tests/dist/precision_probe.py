@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 from _common import script_args  # noqa: E402
 
 import train  # noqa: E402  launch/train.py
-from bpt_ds import engine  # noqa: E402
+from bpt_ds import distributed, step  # noqa: E402
 
 OUT = Path(os.environ["BPT_DS_PROBE"])
-apply_grad_hook = engine.Engine._apply_grad_hook
+apply_transform = step.Stepper._apply_transform
 
 
 def bf16_exact(t: torch.Tensor) -> float:
@@ -36,31 +36,36 @@ def bf16_exact(t: torch.Tensor) -> float:
     return (t.to(torch.bfloat16).float() == t).float().mean().item()
 
 
-def probed_apply_grad_hook(self, hook):
+def probed_apply_transform(self):
     from deepspeed.utils import safe_get_full_grad
 
     seen = {}
+    transform = self.transform
 
-    def recording_hook(theta, grad):
-        new = hook(theta, grad)
+    def recording_transform(theta, grad):
+        new = transform(theta, grad)
         seen.update(theta_dtype=str(theta.dtype), grad_dtype=str(grad.dtype), grad_bf16_exact=bf16_exact(grad),
                     direction=new.detach().float().clone())
         return new
 
-    finite = apply_grad_hook(self, recording_hook)
+    self.transform = recording_transform
+    try:
+        finite = apply_transform(self)
+    finally:
+        self.transform = transform
     if finite:
-        back = safe_get_full_grad(self.model.bank.particles).detach().float().reshape(seen["direction"].shape)
+        back = safe_get_full_grad(self.model.model.bank.particles).detach().float().reshape(seen["direction"].shape)
         record = {k: v for k, v in seen.items() if k != "direction"}
-        record.update(accum_dtype=str(self.optimizer.gradient_accumulation_dtype),
+        record.update(accum_dtype=str(self.model.ds.optimizer.gradient_accumulation_dtype),
                       written_exact=bool(torch.equal(back, seen["direction"])),
                       direction_bf16_exact=bf16_exact(seen["direction"]))
         OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / f"rank{engine.rank()}.jsonl", "a") as f:
+        with open(OUT / f"rank{distributed.rank()}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     return finite
 
 
-engine.Engine._apply_grad_hook = probed_apply_grad_hook
+step.Stepper._apply_transform = probed_apply_transform
 
 if __name__ == "__main__":
     sys.exit(train.main(script_args()))

@@ -11,7 +11,7 @@ import deepspeed
 
 from _common import script_args, write_result
 from bpt_ds.backbone import load_backbone
-from bpt_ds.engine import init_distributed, world_size
+from bpt_ds.distributed import init_distributed, world_size
 
 
 def main() -> None:

@@ -11,8 +11,9 @@ import hashlib
 import deepspeed
 
 from _common import script_args, write_result
-from bpt_ds.config import load_config
-from bpt_ds.stages.prompt_tuning import PromptTuning
+from bpt_ds.runner import Runner
+from bpt_ds.runs import load_config
+from bpt_ds.stages import STAGES
 
 
 def fingerprints(module) -> dict[str, str]:
@@ -25,14 +26,15 @@ def fingerprints(module) -> dict[str, str]:
 
 def main() -> None:
     result_path, *overrides = script_args()
-    recipe = PromptTuning(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    recipe = Runner(cfg, STAGES[cfg.stage](cfg))
     recipe.setup()
-    engine = recipe.engine
-    backbone = engine.model.backbone
+    backbone = recipe.deepspeed.model.backbone
     before = fingerprints(backbone)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.ds.module.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.deepspeed.ds.module.parameters()
+                    if p.requires_grad)
     partitioned = sum(1 for p in backbone.parameters() if hasattr(p, "ds_id"))
-    initial = recipe._scores(recipe.eval_tasks)
+    initial = recipe.evaluator.scores(recipe.eval_tasks)
     recipe.train()
     final = recipe.finish()["final"]["dev"]
     after = fingerprints(backbone)

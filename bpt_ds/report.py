@@ -1,0 +1,86 @@
+"""The one output channel of a run: its lines (info and warnings) and its TensorBoard log.
+
+Lines go through tqdm.write, so that they print above a progress bar instead of through it, and
+are flushed at once (under a launcher, stdout is a pipe). Only rank 0 speaks unless a line is
+about this rank itself (`warn(..., every_rank=True)`); only rank 0 writes TensorBoard.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+PREFIX = "[bpt_ds]"
+
+
+def line(message: str, err: bool = False) -> None:
+    """One line on stdout (stderr with err), above any progress bar."""
+    stream = sys.stderr if err else sys.stdout
+    tqdm.write(message, file=stream)
+    stream.flush()
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr (the caller decides which ranks say it)."""
+    line(f"{PREFIX} warning: {message}", err=True)
+
+
+def peak_memory_mb(on_gpu: bool) -> float:
+    """The peak memory of this rank: allocated device memory, or the process's peak RSS on CPU."""
+    if on_gpu:
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Reporter:
+    """Lines and TensorBoard scalars of one rank; rank 0 (is_main) says and writes them."""
+
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+        self.writer = None
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            line(f"{PREFIX} {message}")
+
+    def warn(self, message: str, every_rank: bool = False) -> None:
+        if self.is_main or every_rank:
+            warn(message)
+
+    def open_tensorboard(self, directory: Path, purge_step: Optional[int]) -> None:
+        """purge_step: TensorBoard hides what earlier runs in this directory logged from that step on."""
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(directory), purge_step=purge_step)
+
+    def scalar(self, key: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(key, value, step)
+
+    def scalars(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            self.scalar(key, value, step)
+
+    def text(self, key: str, value: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(key, value, step)
+
+    def embedding(self, matrix, metadata: list, tag: str, step: int, header: Optional[list] = None) -> None:
+        """Rows of `matrix` in TensorBoard's embedding projector."""
+        if self.writer is not None:
+            self.writer.add_embedding(matrix, metadata=metadata, metadata_header=header, tag=tag, global_step=step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
