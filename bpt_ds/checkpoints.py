@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .config import RESUME_FREE, RunConfig, config_fingerprint
+from .config import ADDED_KEYS, RESUME_FREE, RunConfig, config_fingerprint, fingerprint_changes
 from .distributed import barrier, is_comm_failure, rank, world_size
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, free_bytes, mib, utc_stamp
@@ -65,9 +65,10 @@ def check_same_config(cfg: RunConfig, saved: Optional[dict]) -> None:
     if saved is None:
         return
     now = config_fingerprint(cfg)
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    changed = fingerprint_changes(cfg, saved)
     if changed:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        was = {**ADDED_KEYS, **saved}
+        shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ConfigError(
             f"the checkpoint in {checkpoint_dir(cfg)} was written with a different config "
             f"({shown}{', ...' if len(changed) > 6 else ''}); resuming would mix two runs. Use "

@@ -131,11 +131,22 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
+    # Train for this many passes over the training examples instead (the papers' unit):
+    # train.steps becomes ceil(epochs x examples / global_batch_size), said in the log; a
+    # resume may change it, as it may train.steps.
+    epochs: Optional[float] = None
     global_batch_size: int = 32
     # Per-rank micro-batch; gradient accumulation = global / (micro x world size).
     # null: the largest divisor of global / world size that is at most 16.
     micro_batch_size: Optional[int] = None
     lr: float = 0.3
+    # The update rule of the prompts and factors: adamw (torch's AdamW); sgd (plain gradient
+    # steps: for SVGD the particles then move along φ itself, whose fixed point is the
+    # posterior's); svgd-adagrad (the step of Liu & Wang's reference SVGD code: φ divided by the
+    # root of an exponential average, α = 0.9, of its squares, 1e-6 added, the average started at
+    # the first step's square). Adam's and AdaGrad's per-coordinate scaling moves stochastic
+    # SVGD's fixed point; bench/README.md measures the three.
+    optimizer: Literal["adamw", "sgd", "svgd-adagrad"] = "adamw"
     # torch's fused AdamW (one kernel per step for all of a group's tensors, on CPU and CUDA)
     # instead of its per-tensor loop: the same update up to float rounding.
     fused_adamw: bool = False
@@ -203,9 +214,17 @@ class SVGDConfig:
     likelihood_scale: Optional[float] = None
     # σ₀ of the prior N(0, σ₀² I) on the base prompt; null: no prior term.
     prior_std: Optional[float] = None
-    # Std of Gaussian noise added to every particle at the start (not on resume). Particles
-    # that start equal (e.g. from a one-prompt init_file) feel no repulsion and stay equal.
-    init_noise: float = 0.0
+    # Where the particles start (prompt.init random or vocab): shared, every particle from one
+    # draw (particle 0's) plus init_spread noise, so that they sample one basin and their mean
+    # is a prompt of that basin; independent, each particle its own draw (M separate starts,
+    # whose mean blurs them). A prompt.init_file decides by itself: one prompt is shared, M
+    # prompts are taken as they are.
+    init: Literal["shared", "independent"] = "shared"
+    # Std of Gaussian noise added to every particle at the start (not on resume), relative to
+    # the starting particles' RMS coordinate: 0.1 moves each coordinate by a tenth of its
+    # typical size. Particles that start equal feel no repulsion and would stay equal. null:
+    # 0.1 when the particles start from one prompt, 0 when they start apart.
+    init_spread: Optional[float] = None
 
 
 @dataclass
@@ -218,7 +237,10 @@ class PriorConfig:
     prior/grad_norm with prior/loss_grad_norm in TensorBoard when choosing β."""
 
     kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
-    # 0 switches the prior off (the source then only initializes the prompt).
+    # The prior's weight in natural units: the objective is N_T · L̄ - beta · log p̂(S), N_T the
+    # number of target training examples and L̄ the mean target loss, so beta = 1 is the MAP
+    # under p̂ whatever N_T (few-shot or full data); beta > 1 trusts the sources more. 0
+    # switches the prior off (the source then only initializes the prompt).
     beta: float = 0.0
     # The source's prompts.safetensors (or run directory); default: prompt.init_file.
     file: Optional[str] = None
@@ -246,11 +268,15 @@ class DistillConfig:
     weight: float = 1.0                     # λ
     temperature: float = 1.0                # τ
     # Which hidden states L_hidden compares: the decoder's last (at target positions), the
-    # encoder's last (at prompt and input positions), or none (no hidden-state term).
-    hidden: Literal["decoder_last", "encoder_last", "none"] = "decoder_last"
+    # encoder's last (at prompt and input positions), both (the sum of the two: MPT's paper
+    # matches encoder and decoder), or none (no hidden-state term).
+    hidden: Literal["decoder_last", "encoder_last", "both", "none"] = "decoder_last"
     # Each step draws K' uniformly from [min_tasks, K], then K' of the K source tasks, and fills
     # the global batch from them.
     min_tasks: int = 2
+    # How the global batch is shared among the step's K' tasks: equal shares, or proportional
+    # to their training-set sizes (examples-proportional, as pt and bmtpt-source mix tasks).
+    task_mix: Literal["equal", "proportional"] = "equal"
 
 
 @dataclass
@@ -346,12 +372,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
+# Keys that were renamed or changed meaning: a config that still sets one is told what to write.
+REPLACED = {
+    "svgd.init_noise": "use svgd.init_spread, which is relative to the starting particles' RMS coordinate "
+                       "(an absolute std s is svgd.init_spread = s / that RMS; the log prints the RMS)",
+}
+
+
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in raw.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in REPLACED:
+            raise ConfigError(f"config key '{key}' was replaced: {REPLACED[key]}")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
@@ -468,6 +503,14 @@ def validate(cfg: RunConfig) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})",
         )
+    if t.epochs is not None:
+        _require(math.isfinite(t.epochs) and t.epochs > 0,
+                 f"config key 'train.epochs' must be a finite number > 0 (or null); got {t.epochs}")
+    if t.optimizer != "adamw":
+        _require(t.weight_decay == 0, f"train.weight_decay={t.weight_decay} is AdamW's decoupled decay; "
+                                      f"train.optimizer={t.optimizer} has none: set train.weight_decay=0")
+        _require(not t.fused_adamw, f"train.fused_adamw applies to train.optimizer=adamw; this run uses "
+                                    f"{t.optimizer}: set train.fused_adamw=false")
     _require(len(d.tasks) > 0, "config key 'data.tasks' must name at least one task")
     check_task_names(d)
     if p.init_particle is not None:
@@ -480,8 +523,9 @@ def validate(cfg: RunConfig) -> None:
         if value is not None:
             _require(math.isfinite(value) and value > 0,
                      f"config key '{key}' must be a finite number > 0 (or null); got {value}")
-    _require(math.isfinite(sv.init_noise) and sv.init_noise >= 0,
-             f"config key 'svgd.init_noise' must be a finite number >= 0; got {sv.init_noise}")
+    if sv.init_spread is not None:
+        _require(math.isfinite(sv.init_spread) and sv.init_spread >= 0,
+                 f"config key 'svgd.init_spread' must be a finite number >= 0 (or null); got {sv.init_spread}")
     _require(math.isfinite(ds.timeout_minutes) and ds.timeout_minutes > 0,
              f"config key 'deepspeed.timeout_minutes' must be a finite number > 0; got {ds.timeout_minutes}")
     _require(math.isfinite(t.save_retry_minutes) and t.save_retry_minutes >= 0,
@@ -507,6 +551,11 @@ def validate(cfg: RunConfig) -> None:
     check_data_files(d)
 
 
+def steps_for_epochs(epochs: float, examples: int, global_batch: int) -> int:
+    """train.steps of train.epochs passes over `examples` training examples."""
+    return max(1, math.ceil(epochs * examples / global_batch - 1e-9))
+
+
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -518,7 +567,7 @@ def to_yaml(cfg: RunConfig) -> str:
 # --------------------------------------------------------------------- fingerprint
 
 # Keys a resumed run may change: they say how long to train and what to log, not what a step computes.
-RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "train.eval_every",
+RESUME_FREE = {"output_dir", "train.steps", "train.epochs", "train.resume", "train.log_every", "train.eval_every",
                "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.patience",
                "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method",
                # How the job is guarded, not what it computes.
@@ -533,6 +582,10 @@ RESUME_FREE = {"output_dir", "train.steps", "train.resume", "train.log_every", "
 LOSS_CONVENTION = "per target token; bmtpt-source: summed token NLL per example"
 
 
+# prior.beta's unit (stage target): the weight of -log p̂(S) against the loss summed over examples.
+PRIOR_UNITS = "beta per N_T target examples"
+
+
 def _flat(config: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in config.items():
@@ -541,10 +594,43 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+# Sections only one stage reads: they are no part of another stage's fingerprint, so a new key
+# there (or a changed default) does not turn away the checkpoints of the stages that ignore it.
+SECTION_STAGES = {"svgd": "bmtpt-source", "prior": "target", "distill": "mpt-distill"}
+# Keys added after fingerprints were first written, with the value that the code before them
+# computed with: a fingerprint without the key is read as having that value.
+ADDED_KEYS = {"svgd.init": "independent", "svgd.init_spread": 0.0, "train.optimizer": "adamw"}
+# Keys since removed, with the value under which leaving them out changes nothing.
+REMOVED_KEYS = {"svgd.init_noise": 0.0}
+
+
 def config_fingerprint(cfg: RunConfig) -> dict:
-    """What a run computes: the config as flat keys, without the keys a resume may change, and
-    the loss convention (LOSS_CONVENTION). Checkpoints and done.json carry it."""
+    """What a run computes: the config as flat keys, without the keys a resume may change and
+    the sections of other stages, and the loss convention (LOSS_CONVENTION). Checkpoints and
+    done.json carry it."""
     flat = _flat(json.loads(json.dumps(to_dict(cfg))))
-    out = {k: v for k, v in flat.items() if k not in RESUME_FREE}
+    out = {k: v for k, v in flat.items() if k not in RESUME_FREE and _applies(k, cfg.stage)}
     out["loss_convention"] = LOSS_CONVENTION
+    if cfg.prior.beta > 0:
+        # Before 2026-12 the prior's gradient was beta · ∇log p̂ against the mean loss's: a
+        # checkpoint of that objective is refused by name, not continued under this one.
+        out["prior_units"] = PRIOR_UNITS
     return out
+
+
+def _applies(key: str, stage: str) -> bool:
+    section = key.split(".", 1)[0]
+    return SECTION_STAGES.get(section, stage) == stage
+
+
+def fingerprint_changes(cfg: RunConfig, saved: dict) -> list[str]:
+    """The keys in which a saved fingerprint (a checkpoint's, a done.json's) differs from this
+    config's, reading an older fingerprint as the code that wrote it computed (ADDED_KEYS,
+    REMOVED_KEYS, and the sections of other stages left out)."""
+    now = config_fingerprint(cfg)
+    old = {k: v for k, v in saved.items() if _applies(k, cfg.stage)
+           and not (k in REMOVED_KEYS and v == REMOVED_KEYS[k])}
+    for key, value in ADDED_KEYS.items():
+        if key not in old and key in now:
+            old[key] = value
+    return sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))

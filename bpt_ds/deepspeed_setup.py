@@ -191,9 +191,9 @@ def schedule_note(t, saved_steps: Optional[int], step: int, before: float, after
     return f"{what}; the LR at step {step} {lr} (as in a run of {t.steps} steps) and follows that schedule from there"
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """torch's AdamW whose step becomes a no-op while `skip` is set: a step with a non-finite loss,
-    gradient or SVGD direction moves neither the prompts nor Adam's moments and step count."""
+class Skippable:
+    """An optimizer whose step becomes a no-op while `skip` is set: a step with a non-finite loss,
+    gradient or SVGD direction moves neither the prompts nor the optimizer's state."""
 
     skip = False
 
@@ -203,13 +203,49 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class SkippableAdamW(Skippable, torch.optim.AdamW):
+    """torch's AdamW (train.optimizer=adamw)."""
+
+
+class SkippableSGD(Skippable, torch.optim.SGD):
+    """Plain gradient steps, θ -= lr · g (train.optimizer=sgd)."""
+
+
+class SVGDAdagrad(Skippable, torch.optim.Optimizer):
+    """The step of Liu & Wang's reference SVGD code (train.optimizer=svgd-adagrad):
+        h_1 = g_1²,  h_t = α h_{t-1} + (1 - α) g_t²,  θ -= lr · g_t / (ε + √h_t)
+    with α = 0.9 and ε = 1e-6 (their `alpha` and `fudge_factor`); g is -φ here."""
+
+    def __init__(self, params, lr: float, alpha: float = 0.9, eps: float = 1e-6):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if "h" not in state:
+                    state["h"] = g.square()
+                else:
+                    state["h"].mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
+                p.addcdiv_(g, state["h"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        self._step()
+        return None
+
+
 @dataclass
 class DeepSpeedModel:
     """The prompted model under DeepSpeed, its optimizer and LR schedule (what `initialize` built)."""
 
     ds: "deepspeed.DeepSpeedEngine"
     model: "PromptedT5"                    # the module DeepSpeed wraps (ds.module)
-    base_optimizer: SkippableAdamW
+    base_optimizer: Skippable
     scheduler: torch.optim.lr_scheduler.LambdaLR
     lr_factor: Callable[[int], float]      # the schedule's factor at a step
 
@@ -255,7 +291,7 @@ class DeepSpeedModel:
 
 
 def initialize(cfg: RunConfig, model: "PromptedT5", ds_config: dict) -> DeepSpeedModel:
-    """deepspeed.initialize of the prompted model: AdamW over the prompt bank (particles at
+    """deepspeed.initialize of the prompted model: the optimizer (train.optimizer) over the prompt bank (particles at
     train.lr, factors at train.factor_lr), the LR schedule over this run's train.steps (a resume
     with more or fewer steps rebuilds it: follow_schedule), and torch.compile on request."""
     t, bank = cfg.train, model.bank
@@ -263,7 +299,13 @@ def initialize(cfg: RunConfig, model: "PromptedT5", ds_config: dict) -> DeepSpee
     if bank.rank > 0:
         groups.append({"params": [bank.factor_u, bank.factor_v],
                        "lr": t.factor_lr if t.factor_lr is not None else t.lr, "name": "factors"})
-    optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=True if t.fused_adamw else None)
+    if t.optimizer == "sgd":
+        optimizer = SkippableSGD(groups, lr=t.lr)
+    elif t.optimizer == "svgd-adagrad":
+        optimizer = SVGDAdagrad(groups, lr=t.lr)
+    else:
+        optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
+                                   fused=True if t.fused_adamw else None)
     factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
     ds, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,

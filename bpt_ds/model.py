@@ -145,7 +145,8 @@ class DistilledT5(PromptedT5):
     KL(teacher_τ || student_τ) over the vocabulary at each target position, L_hidden the squared
     error of the decoder's last hidden states averaged over features at each target position
     (decoder_last), or, for encoder_last, the row's squared error averaged over its encoder
-    positions and features, counted once per target token. forward also returns the three
+    positions and features, counted once per target token; both (MPT's published loss, on the
+    encoder and decoder together) adds the two. forward also returns the three
     terms per row, for logging.
     """
 
@@ -169,7 +170,7 @@ class DistilledT5(PromptedT5):
     def forward(self, input_ids, attention_mask, labels, task_ids, particle_ids=None):
         embeds = self.backbone.get_input_embeddings()(input_ids)
         decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
-        want_hidden = self.hidden == "decoder_last"
+        want_hidden = self.hidden in ("decoder_last", "both")
         teacher = self.teacher_outputs(embeds, attention_mask, task_ids, decoder_input_ids, want_hidden)
         s_embeds, s_mask = prepend_prompts(self.bank(task_ids), embeds, attention_mask)
         student = self.backbone(inputs_embeds=s_embeds, attention_mask=s_mask, decoder_input_ids=decoder_input_ids,
@@ -180,15 +181,14 @@ class DistilledT5(PromptedT5):
         log_s = torch.log_softmax(student.logits.float() / tau, dim=-1)
         log_t = torch.log_softmax(teacher.logits.float() / tau, dim=-1)
         kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * keep).sum(1)
-        if self.hidden == "decoder_last":
+        mse = torch.zeros_like(kl)
+        if self.hidden in ("decoder_last", "both"):
             diff = (student.decoder_hidden_states[-1].float() - teacher.decoder_hidden_states[-1].float()) ** 2
-            mse = (diff.mean(-1) * keep).sum(1)
-        elif self.hidden == "encoder_last":
+            mse = mse + (diff.mean(-1) * keep).sum(1)
+        if self.hidden in ("encoder_last", "both"):
             diff = (student.encoder_last_hidden_state.float() - teacher.encoder_last_hidden_state.float()) ** 2
             m = s_mask.float()
-            mse = (diff.mean(-1) * m).sum(1) / m.sum(1) * keep.sum(1)
-        else:
-            mse = torch.zeros_like(kl)
+            mse = mse + (diff.mean(-1) * m).sum(1) / m.sum(1) * keep.sum(1)
         rows = plm + self.weight * (kl + mse)
         particles = torch.zeros_like(task_ids)
         return rows, particles, {"plm": plm.detach(), "logits_kl": kl.detach(), "hidden_mse": mse.detach()}

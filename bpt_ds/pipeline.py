@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import RunConfig, config_fingerprint
+from .config import RunConfig, fingerprint_changes, steps_for_epochs
 from .distributed import StopFlag
 from .files import DONE_FILE
 from .runner import run_stage
@@ -20,16 +20,18 @@ from .stages import STAGES
 def finished(cfg: RunConfig) -> Optional[str]:
     """What output_dir holds for this config (runner.Runner.finish writes it): "done" (finished
     outputs of this config and these input files), "other" (finished outputs of another config or
-    other inputs), "short" (finished outputs of this config with fewer steps than train.steps now
-    asks for), or None (no finished outputs)."""
+    other inputs), "short" (finished outputs of this config with fewer steps than train.steps, or
+    train.epochs over the run's training examples, now asks for), or None (no finished outputs)."""
     marker = Path(cfg.output_dir) / DONE_FILE
     if not marker.is_file() or not (Path(cfg.output_dir) / "prompts.safetensors").is_file():
         return None
     try:
         done = json.loads(marker.read_text())
-        if done["fingerprint"] != config_fingerprint(cfg) or done["inputs"] != STAGES[cfg.stage].input_digests(cfg):
+        if fingerprint_changes(cfg, done["fingerprint"]) or done["inputs"] != STAGES[cfg.stage].input_digests(cfg):
             return "other"
-        return "done" if done["stopped"] or done["step"] >= cfg.train.steps else "short"
+        steps = (cfg.train.steps if cfg.train.epochs is None else
+                 steps_for_epochs(cfg.train.epochs, done["train_examples"], cfg.train.global_batch_size))
+        return "done" if done["stopped"] or done["step"] >= steps else "short"
     except (ValueError, KeyError, TypeError):
         return "other"
 
@@ -40,7 +42,8 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
     On a rerun, a stage whose output_dir holds the finished outputs of the same config and the
     same input files (done.json) is skipped. A stage that finished with another config or other
     inputs starts fresh (train.resume=never: its old checkpoints are set aside), and so does
-    every stage after a stage that ran, since its input may have changed. A stage that never
+    every stage that reads the output of a stage that ran in this command, since its input
+    may have changed; stages that read none of them are left alone (the paper tables' targets). A stage that never
     finished, or finished fewer steps than train.steps now asks for, resumes from its checkpoint.
     stop: the process's stop flag (SIGTERM, SIGINT), read at every step boundary.
     """
@@ -49,19 +52,31 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for _, cfg in runs:
         STAGES[cfg.stage].placement(cfg, world)
-    rerun = False
+    ran: dict[Path, str] = {}  # output directories of the stages this command ran -> their names
     for i, (name, cfg) in enumerate(runs):
         if len(runs) > 1:
             done = finished(cfg) if cfg.train.resume == "auto" else None
-            if not rerun and done == "done":
+            # A stage that reads the output of a stage that ran here starts fresh: its input changed
+            # (or may have: done.json's digests would say so too once it finishes).
+            upstream = [ran[d] for d in _input_dirs(cfg) if d in ran]
+            if not upstream and done == "done":
                 say(f"[bpt_ds] pipeline stage {i + 1}/{len(runs)}: {name} ({cfg.stage}) already finished in "
                     f"{cfg.output_dir} with this config and these inputs; skipped")
                 continue
-            why = ("an earlier stage ran" if rerun else
+            why = (f"stage '{upstream[0]}', whose output it reads, ran" if upstream else
                    "its earlier finished run used another config or other inputs" if done == "other" else "")
             if why and cfg.train.resume == "auto":
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="never"))
             say(f"[bpt_ds] pipeline stage {i + 1}/{len(runs)}: {name} ({cfg.stage}) -> {cfg.output_dir}"
                 f"{f' (fresh: {why})' if why else ''}")
         run_stage(cfg, STAGES[cfg.stage](cfg), stop)
-        rerun = True
+        ran[Path(cfg.output_dir).resolve()] = name
+
+
+def _input_dirs(cfg: RunConfig) -> list[Path]:
+    """The run directories a stage reads (an input file stands for the directory holding it)."""
+    out = []
+    for name in STAGES[cfg.stage].input_files(cfg):
+        path = Path(name).resolve()
+        out.append(path.parent if path.name.endswith(".safetensors") else path)
+    return out

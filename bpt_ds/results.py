@@ -54,13 +54,16 @@ def collect(files: list[Path], split: str = "test", which: str = "score") -> dic
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ResultsError(f"{f}: not a bpt_ds metrics.json ({type(e).__name__}: {e})") from None
         label = f"{method} k={few_shot}" if few_shot else method
-        key = (label, seed)
-        if key in seen:
-            raise ResultsError(f"{f} and {seen[key]} are both method '{label}' with seed {seed}; "
-                               "give one of them another `method` in its config, or collect them separately")
-        seen[key] = f
         row = table.setdefault(label, {})
         for task, values in tasks.items():
+            # One cell per method, task and seed: runs of one task each (the papers' layout) fill a
+            # row side by side; two runs scoring the same task with the same method and seed clash.
+            key = (label, seed, task)
+            if key in seen:
+                raise ResultsError(f"{f} and {seen[key]} both score task '{task}' as method '{label}' with seed "
+                                   f"{seed}; give one of them another `method` in its config, or collect them "
+                                   "separately")
+            seen[key] = f
             names = ["score"] if which == "score" else [k for k in values if k not in ("score", "examples", "invalid")]
             for name in names:
                 column = task if which == "score" else f"{task} {name}"

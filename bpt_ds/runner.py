@@ -17,6 +17,7 @@ checkpoints/.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import distributed as job
 from .backbone import load_backbone, resolve_model_path, sample_vocab_embeddings
 from .checkpoints import (Checkpointer, TrainState, check_same_config, checkpoint_bytes_estimate, checkpoint_dir,
                           pick_checkpoint)
-from .config import RunConfig, config_fingerprint, to_dict, to_yaml
+from .config import RunConfig, config_fingerprint, steps_for_epochs, to_dict, to_yaml
 from .data.run_data import RunData
 from .deepspeed_setup import check_memory, ds_dtype, initialize, resolve_ds_config, schedule_note
 from .errors import ConfigError, LostContact, Preempted, SaveError, TrainingHalted
@@ -91,6 +92,9 @@ class Runner:
 
         # Data and the init file first: bad input fails before the backbone is loaded.
         self.data = data = RunData.load(cfg, report.info)
+        if cfg.train.epochs is not None:
+            self._steps_from_epochs(data.train_examples)
+            cfg = self.cfg
         init_tensors = load_prompts_file(cfg.prompt.init_file) if cfg.prompt.init == "file" else None
         # The checkpoint to resume from, checked (manifest, number of ranks, the config it was
         # written under) before the backbone loads.
@@ -146,6 +150,14 @@ class Runner:
         self._start_outputs(bank)
         for text in stage.describe(bank):
             report.info(text)
+
+    def _steps_from_epochs(self, examples: int) -> None:
+        t = self.cfg.train
+        steps = steps_for_epochs(t.epochs, examples, t.global_batch_size)
+        self.report.info(f"train.epochs={t.epochs:g}: {steps} steps of {t.global_batch_size} examples over "
+                         f"{examples:,} training examples (train.steps={t.steps} is not used)")
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, steps=steps))
+        self.stage.cfg = self.cfg
 
     def _prompt_bank(self, d_model: int, init_tensors: Optional[dict]) -> PromptBank:
         p = self.cfg.prompt
@@ -319,7 +331,8 @@ class Runner:
             report.flush()
             # Last: a pipeline skips this stage on a rerun only when this marker matches its config
             # and its input files.
-            done = {"step": state.step, "stopped": state.stopped, "fingerprint": config_fingerprint(self.cfg),
+            done = {"step": state.step, "stopped": state.stopped, "train_examples": self.data.train_examples,
+                    "fingerprint": config_fingerprint(self.cfg),
                     "inputs": type(self.stage).input_digests(self.cfg), "config": to_dict(self.cfg)}
             self.write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))
             report.info(f"done at step {state.step}. Outputs in {self.out.resolve()}:")

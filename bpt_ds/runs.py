@@ -46,7 +46,8 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
             prompt: {init_file: "{source}"}   # {name}: that earlier stage's output directory
 
     Overrides `key=value` apply to every stage (after its own keys), `<name>.key=value` to
-    one stage, and `output_dir=...` to the pipeline. Every stage's config is built and
+    one stage, and `output_dir=...` to the pipeline. A stage with `each_task` and/or
+    `each_seed` lists runs once per task and seed (_expand). Every stage's config is built and
     validated before the first one runs.
     """
     raw = read_yaml(path)
@@ -64,6 +65,9 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
         raise ConfigError(f"pipeline '{path}': 'stages' must be a non-empty list of mappings")
     if not isinstance(defaults, dict):
         raise ConfigError(f"pipeline '{path}': 'defaults' must be a mapping of run config keys")
+    stages = _expand(stages, overrides, f"pipeline '{path}'")
+    if seed is not None and any(st.get("_each_seed") for st in stages):
+        raise ConfigError(f"pipeline '{path}': --seeds and a stage's each_seed both set the seeds; use one")
     names = [str(st.get("name", "")) for st in stages]
     for i, name in enumerate(names):
         if not name or not name.replace("-", "").replace("_", "").isalnum():
@@ -77,18 +81,28 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
     root = raw.get("output_dir", "runs/pipeline")
     shared: list[str] = []
     per_stage: dict[str, list[str]] = {n: [] for n in names}
+    expanded = {str(st.get("name")): [n for n, e in zip(names, stages)
+                                      if e.get("_output_parts", [None])[0] == st.get("name")] for st in raw["stages"]}
     for text in overrides:
         key, _ = parse_override(text)
-        head = key.split(".", 1)[0]
+        head, _, rest = key.partition(".")
         if key == "output_dir":
             root = parse_override(text)[1]
+        elif rest in EACH_KEYS and head in expanded:
+            continue  # taken by _expand
         elif head in per_stage and "." in key:
             per_stage[head].append(text.split(".", 1)[1])
+        elif head in expanded and expanded[head] and "." in key:
+            for n in expanded[head]:  # <name>.key of an expanded stage: every stage it became
+                per_stage[n].append(text.split(".", 1)[1])
         else:
             shared.append(text)
     runs, dirs = [], {}
     for i, (name, st) in enumerate(zip(names, stages)):
-        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k != "name"})
+        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k not in ("name", "_output_parts", "_each_seed")})
+        if "_output_parts" in st:  # an expanded stage: <output_dir>/<name>/<task>/seed<seed> under its own or the root
+            parent = merged.pop("output_dir", None) or root + "/" + st["_output_parts"][0]
+            merged["output_dir"] = "/".join([parent, *st["_output_parts"][1:]])
         merged.setdefault("output_dir", f"{root}/{name}")
         for text in shared + per_stage[name]:
             key, value = parse_override(text)
@@ -108,6 +122,50 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
         dirs[name] = cfg.output_dir
         runs.append((name, cfg))
     return runs
+
+
+EACH_KEYS = ("each_task", "each_seed")
+
+
+def _expand(stages: list[dict], overrides, where: str) -> list[dict]:
+    """A stage with each_task: [a, b] and/or each_seed: [1, 2] becomes one stage per task and
+    seed (their product), named <name>-<task>-seed<seed>, with data.tasks=[task], seed=<seed>
+    and output_dir <output_dir>/<name>/<task>/seed<seed> (the table commands of configs/paper).
+    `<name>.each_task=[...]` on the command line replaces a stage's list."""
+    lists: dict[str, dict] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        head, _, rest = key.partition(".")
+        if rest in EACH_KEYS:
+            lists.setdefault(head, {})[rest] = value
+    out = []
+    for st in stages:
+        name = str(st.get("name", ""))
+        each = {k: lists.get(name, {}).get(k, st.get(k)) for k in EACH_KEYS}
+        if each["each_task"] is None and each["each_seed"] is None:
+            out.append(st)
+            continue
+        for key, value in each.items():
+            if value is not None and (not isinstance(value, list) or not value or
+                                      len(set(map(str, value))) != len(value)):
+                raise ConfigError(f"{where}, stage '{name}': '{key}' must be a non-empty list without repeats; "
+                                  f"got {value!r}")
+        if each["each_seed"] is not None and not all(isinstance(v, int) and not isinstance(v, bool)
+                                                     for v in each["each_seed"]):
+            raise ConfigError(f"{where}, stage '{name}': 'each_seed' must list integer seeds; got {each['each_seed']!r}")
+        base = {k: v for k, v in st.items() if k not in EACH_KEYS}
+        for task in each["each_task"] or [None]:
+            for seed in each["each_seed"] or [None]:
+                one = _deep_merge(base, {"data": {"tasks": [task]}} if task is not None else {})
+                suffix = "".join([f"-{task}" if task is not None else "", f"-seed{seed}" if seed is not None else ""])
+                one["name"] = f"{name}{suffix}"
+                if seed is not None:
+                    one["seed"], one["_each_seed"] = seed, True
+                parts = [str(task)] if task is not None else []
+                parts += [f"seed{seed}"] if seed is not None else []
+                one["_output_parts"] = [name, *parts]
+                out.append(one)
+    return out
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

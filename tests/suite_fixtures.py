@@ -72,6 +72,17 @@ def _mrqa(subset: str):
     return row
 
 
+def _scitail(i: int) -> dict:
+    return {"sentence1_binary_parse": "( a b )", "sentence1_parse": "(ROOT a)", "sentence1": _sentence(i),
+            "sentence2_parse": "(ROOT b)", "sentence2": _sentence(i + 1), "annotator_labels": ["x"],
+            "gold_label": ("entailment", "neutral")[i % 2]}
+
+
+def _winogrande(i: int) -> dict:
+    return {"sentence": f"{_sentence(i)} _ was there", "option1": WORDS[i % 10], "option2": WORDS[(i + 1) % 10],
+            "answer": "12"[i % 2]}
+
+
 ROWS = {
     "mnli": _pair(("premise", "hypothesis"), 3),
     "qqp": _pair(("question1", "question2"), 2),
@@ -92,6 +103,10 @@ ROWS = {
     "searchqa": _mrqa("SearchQA"),
     "hotpotqa": _mrqa("HotpotQA"),
     "nq": _mrqa("NaturalQuestionsShort"),
+    "scitail": _scitail,
+    "paws": lambda i: {"id": i, "sentence1": _sentence(i), "sentence2": _sentence(i + 2), "label": i % 2},
+    "winogrande": _winogrande,
+    "yelp_polarity": lambda i: {"label": i % 2, "text": _sentence(i, 12)},
 }
 
 
@@ -108,7 +123,7 @@ def write_suite(root: Path, train: int = 24, validation: int = 12) -> dict[str, 
     for name, spec in REGISTRY.items():
         make = ROWS[name]
         sizes = {"train": train, "validation": validation, "validation_matched": validation,
-                 "validation_mismatched": validation}
+                 "validation_mismatched": validation, "test": validation}
         out[name] = {}
         for k, split in enumerate(spec.hub_splits):
             rows = [make(1000 * k + i) for i in range(sizes[split])]

@@ -36,6 +36,19 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def shared_start(m: int, seed: int = 5, std: float = 0.5, spread: float = 0.1) -> torch.Tensor:
+    """svgd.init=shared (the default) after prompt.init=random: particle 0 of the run's draw for
+    every particle, plus noise (seed + 1) of std svgd.init_spread x that prompt's RMS coordinate."""
+    first = (torch.randn(m, 8, 128, generator=torch.Generator().manual_seed(seed)) * std)[0]
+    noise = torch.randn(m, 8, 128, generator=torch.Generator().manual_seed(seed + 1))
+    return first + noise * (spread * first.pow(2).mean().sqrt())
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    m = x.shape[0]
+    return sum((x[i] - x[j]).norm().item() for i in range(m) for j in range(i + 1, m)) / (m * (m - 1) / 2)
+
+
 def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
     """(c) 4 particles: all on one rank, or 2 per rank partitioned by ZeRO-3. Same data, seeds
     and global batch: the same particles.
@@ -54,7 +67,12 @@ def test_svgd_on_one_and_two_ranks_gives_the_same_particles(cache, tmp_path):
             "partitioned by ZeRO-3 (2,048 of 4,096 values on rank 0)") in proc.stdout
     p1, p2 = particles(one), particles(two)
     assert p1.shape == (4, 8, 128)
-    start = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(5)) * 0.5
+    # The default start, one shared draw plus noise: what SVGD saw at step 1 on both rank counts.
+    start = shared_start(4)
+    assert "SVGD start: 4 particles from one shared draw, noise 0.1 x their RMS coordinate" in proc.stdout
+    for run in (one, two):
+        assert scalars(run)["svgd/mean_pairwise_distance"][0] == pytest.approx(mean_pairwise_distance(start),
+                                                                                rel=1e-5)
     assert (p2 - p1).norm() < 0.02 * (p1 - start).norm()
     # The particles moved, and the source tasks' loss fell.
     assert (p1 - start).norm() > 1.0
@@ -165,7 +183,8 @@ def test_without_repulsion_equal_particles_stay_equal_and_do_data_parallel_desce
               "train.log_every=1"]
     svgd = tmp_path / "svgd"
     assert run_ds(2, TRAIN, f"output_dir={svgd}", "stage=bmtpt-source", *common, "prompt.particles=2",
-                  "svgd.repulsive=false", "svgd.likelihood_scale=1", cache=cache, port=29725).returncode == 0
+                  "svgd.repulsive=false", "svgd.likelihood_scale=1", "svgd.init_spread=0", cache=cache,
+                  port=29725).returncode == 0
     ps = particles(svgd)
     assert torch.equal(ps[0], ps[1])
     assert (ps[0] - load_file(str(start))["particles"][0]).norm() > 1.0
@@ -214,11 +233,14 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     out = tmp_path / "runs"
     args = ["--config", str(pipeline), f"output_dir={out}", "model.dtype=fp32", "train.steps=12",
             "train.eval_every=0", "train.save_every=0", "train.log_every=4", "source.data.synthetic_train_examples=400",
-            "target.prior.kind=gaussian-diagonal", "target.prior.beta=0.01", "data.max_eval_examples=16"]
+            "target.prior.kind=gaussian-diagonal", "target.prior.beta=20", "data.max_eval_examples=16"]
     proc = run_ds(1, TRAIN, *args, cache=cache)
     assert proc.returncode == 0
     assert "[bpt_ds] pipeline stage 2/3: target (target) -> " + str(out / "target") in proc.stdout
-    assert "prior: gaussian-diagonal over 4 source particles, beta 0.01" in proc.stdout
+    # Natural units: beta 20 against polarity's 2,000 examples is a step gradient of 0.01 x grad log p.
+    assert ("prior: gaussian-diagonal over 4 source particles, beta 20 against 2,000 target examples (objective: "
+            "2,000 x mean target loss - 20 x log p(S); the step's gradient: that of the mean loss - 0.01 x "
+            "grad log p(S))") in proc.stdout
     assert "factors: rank 1, lr 0.01 (prompt lr 0.1); parameters per target task: 2,192" in proc.stdout
     # SVGD's likelihood scale defaults to the number of source training examples: 2 x 400.
     assert "likelihood scale 800 (training examples)" in proc.stdout
@@ -246,7 +268,8 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
                      cache=cache)
     assert changed.returncode == 0
     assert "resumed from step 12" in changed.stdout
-    assert f"pipeline stage 2/3: target (target) -> {out / 'target'} (fresh: an earlier stage ran)" in changed.stdout
+    assert (f"pipeline stage 2/3: target (target) -> {out / 'target'} (fresh: stage 'source', whose output it "
+            "reads, ran)") in changed.stdout
     assert "train.resume=never: earlier checkpoints moved to" in changed.stdout
     assert (out / "target" / "checkpoints" / "latest").read_text() == "step00000002"
     # A stage that finished with another config starts fresh; the stages before it are skipped.

@@ -72,7 +72,7 @@ CASES = {
     # norm. train/loss is that mean. 1 rank (micro-batches of 6, which span two particles) and
     # 3 ranks (one particle each, micro-batches of 2) agree.
     "svgd-per-example": (["stage=bmtpt-source", "prompt.particles=3", "svgd.repulsive=false",
-                          "svgd.likelihood_scale=1"], 6, 1, (29722, 29723)),
+                          "svgd.likelihood_scale=1", "svgd.init_spread=0"], 6, 1, (29722, 29723)),
 }
 
 

@@ -63,6 +63,25 @@ def test_subset_sampler_draws_k_prime_uniformly_then_fills_the_batch():
     assert s.global_batch_at(7) == TaskSubsetSampler([50, 40, 30, 20], 16, 0, 2).global_batch_at(7)
 
 
+def test_subset_sampler_in_proportion_to_task_sizes():
+    """distill.task_mix=proportional: one example for each drawn task, the rest by largest
+    remainder of the size shares; the same tasks as with equal shares (the draw of K' and of the
+    tasks does not depend on the mix)."""
+    sizes = [900, 60, 30, 10]
+    s = TaskSubsetSampler(sizes, global_batch=16, seed=0, min_tasks=2, proportional=True)
+    # By hand: [0, 1]: 14 left, 14·900/960 = 13.125 and 0.875 -> 13 + 1 (remainder to task 1).
+    assert s.shares([0, 1]) == [14, 2]
+    # [0, 1, 2, 3]: 12 left, shares 10.8, 0.72, 0.36, 0.12 -> 10, 0, 0, 0 and the 2 left to the
+    # largest remainders (0.8, 0.72): 11, 1, 0, 0, plus one each.
+    assert s.shares([0, 1, 2, 3]) == [12, 2, 1, 1]
+    equal = TaskSubsetSampler(sizes, global_batch=16, seed=0, min_tasks=2)
+    for step in range(30):
+        tasks = s.tasks_at(step)
+        assert tasks == equal.tasks_at(step)
+        picks = Counter(t for t, _ in s.global_batch_at(step))
+        assert [picks[t] for t in tasks] == s.shares(tasks) and sum(picks.values()) == 16
+
+
 def test_distillation_terms_against_a_hand_computation(t5):
     model, tok = t5
     torch.manual_seed(0)
@@ -119,6 +138,11 @@ def test_encoder_hidden_term_counts_once_per_target_token(t5):
         real = full_mask[b] == 1
         expected = ((s[b][real] - t[b][real]) ** 2).mean() * (labels[b] != -100).sum()
         assert terms["hidden_mse"][b].item() == pytest.approx(expected.item(), rel=1e-4)
+    # both: the encoder's term plus the decoder's, each as computed on its own.
+    _, _, dec = DistilledT5(model, bank, teachers, 1.0, 1.0, "decoder_last")(ids, mask, labels, task_ids)
+    _, _, both = DistilledT5(model, bank, teachers, 1.0, 1.0, "both")(ids, mask, labels, task_ids)
+    assert (dec["hidden_mse"] > 0).all() and (terms["hidden_mse"] > 0).all()
+    torch.testing.assert_close(both["hidden_mse"], terms["hidden_mse"] + dec["hidden_mse"])
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +158,7 @@ def _modes(module) -> list[bool]:
     return [m.training for m in module.modules()]
 
 
-@pytest.mark.parametrize("hidden", ["decoder_last", "encoder_last"])
+@pytest.mark.parametrize("hidden", ["decoder_last", "encoder_last", "both"])
 def test_teacher_pass_is_deterministic_while_the_student_keeps_dropout(t5, t5_dropout, hidden):
     """With dropout 0.1 and the teacher prompt equal to the student's, the teacher runs without
     dropout (what an eval-mode pass gives), the student with it, and the backbone is back in
@@ -222,6 +246,9 @@ def test_target_factors_start_fresh_from_one_source_or_from_the_mean():
      "stage 'mpt-distill' learns S ∘ (U_k V_k): prompt.factors.rank must be >= 1 (MPT uses 1)"),
     (["stage=mpt-distill", "data.tasks=[sentiment, mood]", "distill.teachers=x", "distill.temperature=0"],
      "config key 'distill.temperature' must be a finite number > 0; got 0.0"),
+    (["stage=mpt-distill", "data.tasks=[sentiment, mood, topic]", "distill.teachers=x", "train.global_batch_size=2"],
+     "stage 'mpt-distill': train.global_batch_size (2) must be at least the 3 tasks of data.tasks, so that every "
+     "task a step draws gets an example"),
     (["prompt.factors.init_from=mean"],
      "prompt.factors.init_from takes factors from prompt.init_file: set prompt.init=file (or stage target) and "
      "prompt.factors.rank >= 1"),

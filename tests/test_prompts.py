@@ -141,26 +141,69 @@ def test_particle_ids_put_each_example_under_its_own_particle(tiny_backbone_path
     torch.testing.assert_close(rows, every.view(3, 3)[picked, torch.arange(3)], rtol=1e-5, atol=1e-6)
 
 
-def test_bmtpt_source_warns_about_equal_particles_and_spreads_them():
-    """Equal particles feel no repulsion: the source stage says so, and svgd.init_noise spreads them."""
+def source_start(rows: torch.Tensor, *overrides: str, init: str = "vocab"):
+    """The bank of a bmtpt-source run after the runner's init (rows) and the stage's init_bank."""
     from bpt_ds.runs import load_config
     from bpt_ds.stages.bmtpt_source import BMTPTSource
 
-    def start(*overrides):
-        bank = PromptBank(3, 4, 8)
-        bank.load_tensors({"particles": torch.ones(1, 4, 8)}, "f")
-        stage = BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3",
-                                               "train.global_batch_size=30", *overrides]))
-        return bank.particles.detach(), stage.init_bank(bank)
+    bank = PromptBank(3, 4, 8)
+    if init == "file":
+        bank.load_tensors({"particles": rows}, "f")
+        overrides = ("prompt.init=file", "prompt.init_file=f.safetensors", *overrides)
+    else:
+        bank.init_rows(rows)
+    stage = BMTPTSource(load_config(None, ["stage=bmtpt-source", "prompt.particles=3", "train.global_batch_size=30",
+                                           *overrides]))
+    stage.read_inputs(bank, 100, None)
+    warnings = stage.init_bank(bank)
+    return bank.particles.detach().clone(), warnings, stage.describe(bank)[0]
 
-    same, warnings = start()
+
+def test_bmtpt_source_starts_its_particles_from_one_shared_draw_with_relative_noise():
+    """svgd.init=shared (the default): every particle is particle 0's draw plus noise of std
+    0.1 x the draw's RMS coordinate; independent keeps the M draws and adds none by default."""
+    rows = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0)) * 5.0
+    rms = rows[0].pow(2).mean().sqrt().item()
+    shared, warnings, line = source_start(rows)
+    assert warnings == []
+    noise = shared - rows[0]
+    assert 0.07 * rms < noise.std().item() < 0.13 * rms and not torch.equal(shared[0], shared[1])
+    # One basin: the particles are far closer to each other than to the origin.
+    assert (shared[0] - shared[1]).norm() < 0.25 * shared[0].norm()
+    assert line == f"SVGD start: 3 particles from one shared draw, noise 0.1 x their RMS coordinate {rms:.4g} " \
+                   "(svgd.init, svgd.init_spread)"
+    wider, _, _ = source_start(rows, "svgd.init_spread=0.3")
+    assert 0.25 * rms < (wider - rows[0]).std().item() < 0.35 * rms
+    apart, warnings, line = source_start(rows, "svgd.init=independent")
+    assert torch.equal(apart, rows) and warnings == []
+    assert line.startswith("SVGD start: 3 particles from independent draws, noise 0 x")
+
+
+def test_bmtpt_source_spreads_a_one_prompt_file_keeps_an_m_prompt_file_and_warns_about_equal_particles():
+    one = torch.ones(1, 4, 8)
+    spread, warnings, _ = source_start(one, init="file")
+    assert warnings == []
+    assert 0.07 < (spread - 1).std().item() < 0.13 and not torch.equal(spread[0], spread[1])
+    many = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
+    kept, warnings, line = source_start(many, init="file")
+    assert torch.equal(kept, many) and warnings == []
+    assert line.startswith("SVGD start: 3 particles from the init file, noise 0 x")
+    same, warnings, _ = source_start(one, "svgd.init_spread=0", init="file")
     assert torch.equal(same, torch.ones(3, 4, 8))
     assert warnings == [
-        "bmtpt-source: all 3 particles start equal (prompt.init_file holds one prompt?); SVGD's repulsion is "
-        "zero between equal particles, so they would stay equal. Set svgd.init_noise (e.g. 0.01) to spread them."]
-    spread, warnings = start("svgd.init_noise=0.01")
-    assert warnings == []
-    assert 0.005 < (spread - 1).std().item() < 0.02 and not torch.equal(spread[0], spread[1])
+        "bmtpt-source: all 3 particles start equal and svgd.init_spread=0; SVGD's repulsion is zero between "
+        "equal particles, so they would stay equal. Set svgd.init_spread (e.g. 0.1) to spread them."]
+
+
+def test_the_replaced_init_noise_key_says_what_to_write_instead():
+    from bpt_ds.errors import ConfigError
+    from bpt_ds.runs import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["stage=bmtpt-source", "svgd.init_noise=0.01"])
+    assert str(err.value) == (
+        "config key 'svgd.init_noise' was replaced: use svgd.init_spread, which is relative to the starting "
+        "particles' RMS coordinate (an absolute std s is svgd.init_spread = s / that RMS; the log prints the RMS)")
 
 
 def test_ensemble_scores_are_the_posterior_predictive(tiny_backbone_path):

@@ -54,14 +54,22 @@ def test_few_shot_runs_are_their_own_rows_and_dev_can_be_shown(tmp_path):
     assert render([str(tmp_path / "a")], split="dev").splitlines()[2] == "| pt | 90.0 | 90.0 |"
 
 
+def test_one_run_per_task_fills_one_row(tmp_path):
+    """The papers' layout (configs/paper): one run per target task, same method and seed, side by side."""
+    write_run(tmp_path / "rte", "bmtpt", 42, {"rte": {"accuracy": 0.5}})
+    write_run(tmp_path / "cb", "bmtpt", 42, {"cb": {"accuracy": 0.7, "macro_f1": 0.5}})
+    assert render([str(tmp_path)]).splitlines() == ["| Method | rte | cb | Avg |", "|---|---|---|---|",
+                                                    "| bmtpt | 50.0 | 60.0 | 55.0 |"]
+
+
 def test_errors_name_the_file(tmp_path, capsys):
     write_run(tmp_path / "a", "pt", 1, {"rte": {"accuracy": 0.5}})
     write_run(tmp_path / "b", "pt", 1, {"rte": {"accuracy": 0.6}})
     with pytest.raises(ResultsError) as e:
         render([str(tmp_path)])
-    assert str(e.value) == (f"{tmp_path / 'b' / 'metrics.json'} and {tmp_path / 'a' / 'metrics.json'} are both "
-                            "method 'pt' with seed 1; give one of them another `method` in its config, or collect "
-                            "them separately")
+    assert str(e.value) == (f"{tmp_path / 'b' / 'metrics.json'} and {tmp_path / 'a' / 'metrics.json'} both score "
+                            "task 'rte' as method 'pt' with seed 1; give one of them another `method` in its config, "
+                            "or collect them separately")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "metrics.json").write_text('{"polarity": {"accuracy": 1.0}}')
     with pytest.raises(ResultsError, match=r"metrics.json: not a bpt_ds metrics.json \(KeyError"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bpt_ds.runs import load_config, load_runs
-from bpt_ds.config import config_fingerprint
+from bpt_ds.config import config_fingerprint, fingerprint_changes
 from jobs import ROOT, TRAIN, ds_env
 
 # A short run of the tiny T5: 4-token prompt, small batches, a short final evaluation.
@@ -67,8 +67,7 @@ def test_the_readme_run_commands_work_in_order():
             key = str(Path(cfg.output_dir))
             if key in seen:
                 j, before = seen[key]
-                now = config_fingerprint(cfg)
-                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                changed = fingerprint_changes(cfg, before)
                 assert not changed, (f"README Run command {i + 1} resumes command {j + 1}'s {key} with other "
                                      f"values of {changed}: it would be refused")
             seen[key] = (i, config_fingerprint(cfg))
@@ -151,6 +150,29 @@ def test_more_steps_after_a_finished_run_follow_the_longer_schedule_and_say_so(t
         assert value == pytest.approx(0.3 * (1 - s / (4 if s <= 4 else 8)), abs=1e-7), (s, value)
 
 
+def test_train_epochs_sets_the_steps_and_a_pipeline_knows_when_they_are_done(tiny_backbone_path, tmp_path):
+    """train.epochs=0.5 over 60 examples in batches of 8: ceil(3.75) = 4 steps, said in the log;
+    finished() reads the run as done for 0.5 epochs and short for 1, and 1 epoch resumes to 8."""
+    from bpt_ds.config import steps_for_epochs
+    from bpt_ds.pipeline import finished
+
+    assert (steps_for_epochs(0.5, 60, 8), steps_for_epochs(1, 64, 8), steps_for_epochs(0.01, 60, 8)) == (4, 8, 1)
+    cache = Path(tiny_backbone_path).parent
+    out = tmp_path / "run"
+    args = [*QUICK, "data.synthetic_train_examples=60"]
+    half = train(out, *args, "train.epochs=0.5", cache=cache)
+    assert half.returncode == 0, half.stderr[-3000:]
+    assert ("[bpt_ds] train.epochs=0.5: 4 steps of 8 examples over 60 training examples (train.steps=200 is not "
+            "used)") in half.stdout
+    assert json.loads((out / "done.json").read_text())["step"] == 4
+    assert finished(load_config(None, [f"output_dir={out}", *args, "train.epochs=0.5"])) == "done"
+    assert finished(load_config(None, [f"output_dir={out}", *args, "train.epochs=1"])) == "short"
+    whole = train(out, *args, "train.epochs=1", cache=cache)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "[bpt_ds] resumed from step 4" in whole.stdout and "train.epochs=1: 8 steps" in whole.stdout
+    assert json.loads((out / "done.json").read_text())["step"] == 8
+
+
 def test_the_schedule_note_speaks_only_when_the_schedule_changes():
     from bpt_ds.config import TrainConfig
     from bpt_ds.deepspeed_setup import schedule_note
@@ -185,3 +207,31 @@ def test_a_checkpoint_written_under_the_old_loss_convention_is_refused_by_name(t
     with pytest.raises(ConfigError, match=re.escape(f"(loss_convention: None -> {LOSS_CONVENTION!r}); resuming "
                                                     "would mix two runs")):
         check_same_config(cfg, old)
+
+
+def test_a_fingerprint_from_before_a_key_existed_reads_as_the_code_that_wrote_it(tmp_path):
+    """Keys added since (svgd.init, svgd.init_spread, train.optimizer) are read at the value the
+    older code computed with, a removed key at its neutral value is no change, and the sections of
+    other stages are no part of a stage's fingerprint: an older pt checkpoint continues; an older
+    bmtpt-source one started its particles apart, so the new shared default is named, and the
+    old behaviour set explicitly continues it."""
+    from bpt_ds.errors import ConfigError
+    from bpt_ds.checkpoints import check_same_config
+
+    def written_before(cfg) -> dict:
+        old = {k: v for k, v in config_fingerprint(cfg).items() if k not in
+               ("svgd.init", "svgd.init_spread", "train.optimizer")}
+        old.update({"svgd.init_noise": 0.0, "svgd.repulsive": True, "distill.weight": 1.0, "prior.beta": 0.0})
+        return old
+
+    pt = load_config(None, [f"output_dir={tmp_path}"])
+    assert not any(k.startswith(("svgd.", "prior.", "distill.")) for k in config_fingerprint(pt))
+    check_same_config(pt, written_before(pt))
+    source = load_config(None, [f"output_dir={tmp_path}", "stage=bmtpt-source", "prompt.particles=2"])
+    with pytest.raises(ConfigError, match=re.escape("(svgd.init: 'independent' -> 'shared', svgd.init_spread: 0.0 -> "
+                                                    "None); resuming would mix two runs")):
+        check_same_config(source, written_before(source))
+    legacy = load_config(None, [f"output_dir={tmp_path}", "stage=bmtpt-source", "prompt.particles=2",
+                                "svgd.init=independent", "svgd.init_spread=0"])
+    check_same_config(legacy, written_before(source))
+    assert fingerprint_changes(legacy, {**written_before(source), "svgd.init_noise": 0.01}) == ["svgd.init_noise"]

@@ -35,7 +35,8 @@ def data_cfg(files, *extra, tasks=None):
 
 def test_the_suite_has_the_papers_tasks():
     assert set(REGISTRY) == {"mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "rte", "cola", "boolq", "cb", "wic",
-                             "wsc", "multirc", "record", "squad", "newsqa", "searchqa", "hotpotqa", "nq"}
+                             "wsc", "multirc", "record", "squad", "newsqa", "searchqa", "hotpotqa", "nq",
+                             "scitail", "paws", "winogrande", "yelp_polarity"}
     assert {n for n, s in REGISTRY.items() if s.split == "halve-validation"} == SMALL
     assert REGISTRY["mnli"].split == "mnli"
     assert REGISTRY["stsb"].labels[:3] == ("0.0", "0.2", "0.4") and len(REGISTRY["stsb"].labels) == 26
@@ -79,6 +80,48 @@ def test_templates_write_task_and_field_names(suite):
     multirc = load_task("multirc", cfg, 0)
     assert multirc.train[0]["group"] == "0-0"
     assert multirc.train[0]["input"].startswith("multirc question: ")
+
+
+def test_the_other_targets_templates_labels_and_splits(suite):
+    """SciTail's string labels, WinoGrande's options and answer "1"/"2", PAWS's pairs, and Yelp's
+    test split standing in for the validation split it lacks."""
+    cfg = data_cfg(suite)
+    first = lambda name, split="train": json.loads(open(suite[name][split]).readline())  # noqa: E731
+    find = lambda rows, text: next(r for r in rows if r["input"] == text)  # noqa: E731
+    row = first("scitail")
+    task = load_task("scitail", cfg, 0)
+    assert find(task.train + task.validation, f"scitail premise: {row['sentence1']} hypothesis: {row['sentence2']}"
+                )["target"] == "0" and row["gold_label"] == "entailment"
+    assert {r["target"] for r in task.train} == {"0", "1"}
+    row = first("winogrande")
+    task = load_task("winogrande", cfg, 0)
+    text = f"winogrande sentence: {row['sentence']} option1: {row['option1']} option2: {row['option2']}"
+    assert find(task.train + task.validation, text)["target"] == row["answer"] == "1"
+    row = first("paws")
+    task = load_task("paws", cfg, 0)
+    assert find(task.train + task.validation, f"paws sentence1: {row['sentence1']} sentence2: {row['sentence2']}"
+                )["target"] == "0"
+    assert REGISTRY["yelp_polarity"].hub_splits == ("train", "test")
+    yelp = load_task("yelp_polarity", cfg, 0)
+    test_rows = [json.loads(line) for line in open(suite["yelp_polarity"]["test"])]
+    assert [r["input"] for r in yelp.test] == [f"yelp_polarity text: {r['text']}" for r in test_rows]
+
+
+def test_bad_labels_of_the_other_targets_name_the_column(tmp_path, suite):
+    from bpt_ds.data.tasks import DataError
+    from suite_fixtures import ROWS, write_jsonl
+
+    for name, bad, message in [
+            ("scitail", {"gold_label": "contradiction"},
+             "column 'gold_label' must be one of entailment, neutral; got 'contradiction'"),
+            ("winogrande", {"answer": ""},
+             "column 'answer' must be \"1\" or \"2\"; got '' (the hub's unlabeled test split? use train/validation)")]:
+        files = dict(suite)
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [ROWS[name](0), {**ROWS[name](1), **bad}])
+        files[name] = {**suite[name], "train": path}
+        with pytest.raises(DataError) as err:
+            load_task(name, data_cfg(files), 0)
+        assert str(err.value).startswith(f"{path}, row 2: {message}; fix the row (task {name} reads the columns of ")
 
 
 def test_stsb_targets_are_rounded_to_steps_of_point_two():
@@ -160,17 +203,17 @@ def test_bad_files_and_rows_name_the_file_row_and_fix(tmp_path, suite):
 
 @pytest.mark.parametrize("override, message", [
     ("data.files.imdb.train=x.jsonl", "data.files.imdb: 'imdb' is not a suite task (mnli, qqp, qnli, sst2, stsb, "
-     "mrpc, rte, cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq); for your own "
+     "mrpc, rte, cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq, scitail, paws, winogrande, yelp_polarity); for your own "
      "{input, target} files use data.local.imdb"),
     ("data.files.mnli.validation=x.jsonl", "data.files.mnli.validation: mnli reads the hub splits train, "
      "validation_mismatched, validation_matched; name its files by those"),
     ("data.files.rte.train=/nonexistent/rte.jsonl", "data.files.rte.train: file '/nonexistent/rte.jsonl' does not exist"),
     ("data.hub.imdb=me/imdb", "data.hub.imdb: 'imdb' is not a suite task (mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
-     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq)"),
+     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq, scitail, paws, winogrande, yelp_polarity)"),
     ("data.hub.boolq=a:b:c", "data.hub.boolq: expected 'owner/name' or 'owner/name:config'; got 'a:b:c'"),
     ("data.datasets_dir=/nonexistent", "data.datasets_dir: directory '/nonexistent' does not exist"),
     ("data.tasks=[rtee]", "unknown task 'rtee' in data.tasks. Suite tasks: mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
-     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq; synthetic tasks: mood, "
+     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq, scitail, paws, winogrande, yelp_polarity; synthetic tasks: mood, "
      "polarity, sentiment, topic; for your own files define data.local.rtee.train / .validation"),
 ])
 def test_config_errors_before_any_loading(override, message):

@@ -185,13 +185,31 @@ class TaskBlockSampler:
 class TaskSubsetSampler:
     """MPT's multitask batches (stage mpt-distill): each step draws K' uniformly from
     [min_tasks, K], then K' distinct tasks, and fills the global batch with examples drawn from
-    them in equal shares (the first tasks take the remainder). A pure function of (seed, step)."""
+    them, in equal shares (the first tasks take the remainder) or, proportional, in shares of
+    their training-set sizes (largest remainders; every drawn task gets at least one example).
+    A pure function of (seed, step)."""
 
-    def __init__(self, sizes: list[int], global_batch: int, seed: int, min_tasks: int = 2):
+    def __init__(self, sizes: list[int], global_batch: int, seed: int, min_tasks: int = 2,
+                 proportional: bool = False):
         if any(n == 0 for n in sizes):
             raise ValueError("every task of data.tasks needs training examples")
         self.sizes, self.global_batch, self.seed = sizes, global_batch, seed
         self.min_tasks = min(min_tasks, len(sizes))
+        self.proportional = proportional
+
+    def shares(self, tasks: list[int]) -> list[int]:
+        """Examples of the global batch for each of the step's tasks."""
+        b, k = self.global_batch, len(tasks)
+        if not self.proportional:
+            base, extra = divmod(b, k)
+            return [base + (j < extra) for j in range(k)]
+        # One example each, then the rest by largest remainder of the size shares.
+        weights = np.array([self.sizes[t] for t in tasks], dtype=np.float64)
+        exact = (b - k) * weights / weights.sum()
+        counts = np.floor(exact).astype(int)
+        for j in np.argsort(-(exact - counts), kind="stable")[: b - k - counts.sum()]:
+            counts[j] += 1
+        return [int(c) + 1 for c in counts]
 
     def tasks_at(self, step: int) -> list[int]:
         rng = np.random.default_rng([self.seed, step, 7])
@@ -201,10 +219,8 @@ class TaskSubsetSampler:
     def global_batch_at(self, step: int) -> list[tuple[int, int]]:
         tasks = self.tasks_at(step)
         rng = np.random.default_rng([self.seed, step, 11])
-        base, extra = divmod(self.global_batch, len(tasks))
         out = []
-        for j, task in enumerate(tasks):
-            count = base + (j < extra)
+        for task, count in zip(tasks, self.shares(tasks)):
             n = self.sizes[task]
             picks = rng.choice(n, size=count, replace=count > n)
             out += [(task, int(i)) for i in picks]

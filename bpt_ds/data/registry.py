@@ -11,6 +11,7 @@ Splits (algorithms.md §6), deterministic given data.split_seed:
 - "holdout-train" (larger ones): 1,000 shuffled training examples are the dev set, the rest
   train; validation is the test set.
 - MNLI: validation_mismatched is dev, validation_matched test, the whole train set trains.
+- Yelp polarity has no validation split: its test split takes that place.
 Few-shot (data.few_shot = k): k training examples per class (k in total for regression and QA),
 drawn with the run's seed from the train split; dev and test stay whole.
 """
@@ -75,6 +76,8 @@ class TaskSpec:
     convert: Optional[Callable[[dict], dict]] = field(default=None, repr=False)
     subset: Optional[str] = None                   # keep rows whose column 'subset' is this (MRQA)
     reads: tuple[str, ...] = ()                    # the columns `convert` reads
+    # The labeled hub split besides train that dev and test are made from (Yelp has no validation).
+    eval_split: str = "validation"
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -87,7 +90,7 @@ class TaskSpec:
     def hub_splits(self) -> tuple[str, ...]:
         """The hub splits the task reads."""
         return ("train", "validation_mismatched", "validation_matched") if self.split == "mnli" else (
-            "train", "validation")
+            "train", self.eval_split)
 
     def example(self, row: dict) -> dict:
         """One hub row as {"input", "target", ...}: QA rows add "answers", MultiRC rows "group"."""
@@ -138,6 +141,25 @@ def _record(spec: TaskSpec, row: dict) -> dict:
             "target": answers[0], "answers": answers}
 
 
+def _scitail(spec: TaskSpec, row: dict) -> dict:
+    gold = row.get("gold_label")
+    if gold not in SCITAIL_GOLD:
+        raise RowError(f"column 'gold_label' must be one of {', '.join(SCITAIL_GOLD)}; got {gold!r}")
+    return {"input": _input(spec.name, [("premise", _text(row, "sentence1")), ("hypothesis", _text(row, "sentence2"))]),
+            "target": spec.labels[SCITAIL_GOLD.index(gold)]}
+
+
+def _winogrande(spec: TaskSpec, row: dict) -> dict:
+    answer = row.get("answer")
+    if answer not in ("1", "2"):
+        raise RowError(f"column 'answer' must be \"1\" or \"2\"; got {answer!r}"
+                       + (" (the hub's unlabeled test split? use train/validation)" if answer == "" else ""))
+    return {"input": _input(spec.name, [("sentence", _text(row, "sentence")), ("option1", _text(row, "option1")),
+                                        ("option2", _text(row, "option2"))]),
+            "target": spec.labels[int(answer) - 1]}
+
+
+SCITAIL_GOLD = ("entailment", "neutral")
 _GLUE = "nyu-mll/glue"
 _SUPER_GLUE = "aps/super_glue"
 _MRQA = "mrqa-workshop/mrqa"
@@ -185,6 +207,15 @@ _TASKS = [
     _mrqa("searchqa", "SearchQA"),
     _mrqa("hotpotqa", "HotpotQA"),
     _mrqa("nq", "NaturalQuestionsShort"),
+    # The papers' "other" targets
+    TaskSpec("scitail", ("allenai/scitail", "snli_format"), "classification", _ACC, "holdout-train",
+             labels=("0", "1"), convert=_scitail, reads=("sentence1", "sentence2", "gold_label")),
+    TaskSpec("paws", ("google-research-datasets/paws", "labeled_final"), "classification", _ACC, "holdout-train",
+             ("sentence1", "sentence2"), ("0", "1")),
+    TaskSpec("winogrande", ("allenai/winogrande", "winogrande_xl"), "classification", _ACC, "holdout-train",
+             labels=("1", "2"), convert=_winogrande, reads=("sentence", "option1", "option2", "answer")),
+    TaskSpec("yelp_polarity", ("fancyzhx/yelp_polarity", None), "classification", _ACC, "holdout-train",
+             ("text",), ("0", "1"), eval_split="test"),
 ]
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _TASKS}
 
@@ -216,11 +247,11 @@ def make_splits(spec: TaskSpec, hub: dict[str, list[dict]], seed: int) -> dict[s
     if spec.split == "mnli":
         return {"train": hub["train"], "dev": hub["validation_mismatched"], "test": hub["validation_matched"]}
     if spec.split == "halve-validation":
-        dev, test = _halves(hub["validation"], seed, spec.name)
+        dev, test = _halves(hub[spec.eval_split], seed, spec.name)
         return {"train": hub["train"], "dev": dev, "test": test}
     train = _shuffled(hub["train"], seed, spec.name)
     holdout = min(DEV_HOLDOUT, len(train) // 2)  # tiny local files keep half their rows for training
-    return {"train": train[holdout:], "dev": train[:holdout], "test": hub["validation"]}
+    return {"train": train[holdout:], "dev": train[:holdout], "test": hub[spec.eval_split]}
 
 
 def few_shot(rows: list[dict], k: int, seed: int, by_class: bool) -> list[dict]:

@@ -13,6 +13,8 @@ every rank alike:
     φ = (K · ∇log p + repulsive) / M,  K, h from the full fp32 particles.
 Since φ is linear in G, reducing G and then applying K equals summing every rank's K·G_r;
 the repulsive and prior terms depend on θ alone and are added once, after the reduction.
+The particles start in one basin (svgd.init=shared): one draw plus relative noise
+(svgd.init_spread), so that their mean, the target's default start, is a prompt of that basin.
 Evaluation scores the posterior predictive (on the tiny backbone the particles sit in
 different modes and their mean prompt predicts poorly).
 """
@@ -26,6 +28,10 @@ from .. import svgd
 from ..config import RunConfig, require_batch_per_particle
 from ..step import LossUnit, PlacementMode
 from .base import Stage, require
+
+
+# svgd.init_spread when the particles start from one prompt and the config leaves it unset.
+DEFAULT_SPREAD = 0.1
 
 
 class SVGDDirection:
@@ -79,16 +85,23 @@ class BMTPTSource(Stage):
         self.scale = float(train_examples if s.likelihood_scale is None else s.likelihood_scale)
 
     def init_bank(self, bank) -> list[str]:
-        s = self.cfg.svgd
-        if s.init_noise > 0:
-            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-            with torch.no_grad():
-                bank.particles.add_(torch.randn(bank.shape, generator=gen) * s.init_noise)
-        p = bank.particles.detach()
-        if bank.num_particles > 1 and s.repulsive and bool((p == p[:1]).all()):
-            return [f"bmtpt-source: all {bank.num_particles} particles start equal (prompt.init_file holds one "
-                    "prompt?); SVGD's repulsion is zero between equal particles, so they would stay equal. Set "
-                    "svgd.init_noise (e.g. 0.01) to spread them."]
+        """svgd.init and svgd.init_spread: one shared start (or the file's) plus relative noise."""
+        s, m = self.cfg.svgd, bank.num_particles
+        with torch.no_grad():
+            if s.init == "shared" and self.cfg.prompt.init != "file" and m > 1:
+                bank.particles.copy_(bank.particles[:1].clone().expand(bank.shape))
+            p = bank.particles.detach()
+            equal = m > 1 and bool((p == p[:1]).all())
+            spread = s.init_spread if s.init_spread is not None else (DEFAULT_SPREAD if equal else 0.0)
+            self.start_rms = p.float().pow(2).mean().sqrt().item()
+            self.start_spread = spread
+            if spread > 0:
+                gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+                bank.particles.add_(torch.randn(bank.shape, generator=gen) * (spread * self.start_rms))
+        if equal and spread == 0 and s.repulsive:
+            return [f"bmtpt-source: all {m} particles start equal and svgd.init_spread=0; SVGD's repulsion is "
+                    "zero between equal particles, so they would stay equal. Set svgd.init_spread (e.g. 0.1) "
+                    "to spread them."]
         return []
 
     def grad_transform(self, device) -> SVGDDirection:
@@ -98,7 +111,12 @@ class BMTPTSource(Stage):
     def describe(self, bank) -> list[str]:
         s = self.cfg.svgd
         prior = f"N(0, {s.prior_std}² I)" if s.prior_std else "none"
-        return [f"SVGD: {self.cfg.prompt.particles} particles, likelihood scale {self.scale:g}"
+        m = self.cfg.prompt.particles
+        start = ("from the init file" if self.cfg.prompt.init == "file" else
+                 "from one shared draw" if s.init == "shared" else "from independent draws")
+        return [f"SVGD start: {m} particles {start}, noise {self.start_spread:g} x their RMS coordinate "
+                f"{self.start_rms:.4g} (svgd.init, svgd.init_spread)",
+                f"SVGD: {self.cfg.prompt.particles} particles, likelihood scale {self.scale:g}"
                 f"{' (training examples)' if s.likelihood_scale is None else ''}, prior {prior}, "
                 f"bandwidth {'median heuristic' if s.bandwidth is None else s.bandwidth}, "
                 f"repulsive term {'on' if s.repulsive else 'off'}"]

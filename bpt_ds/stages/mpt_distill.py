@@ -5,7 +5,8 @@ stage then adapts the shared prompt.
 The student S ∘ (U_k V_k) learns L_PLM + λ (L_logits + L_hidden) from teacher k
 (model.DistilledT5), averaged over the global batch's target tokens; the teacher pass runs in
 evaluation mode (no dropout), the student's in training mode. Each step draws K' from
-[distill.min_tasks, K] and K' tasks (TaskSubsetSampler). TensorBoard: train/plm,
+[distill.min_tasks, K] and K' tasks (TaskSubsetSampler), sharing the batch equally or in
+proportion to their sizes (distill.task_mix). TensorBoard: train/plm,
 train/logits_kl, train/hidden_mse (per target token), overall and per task.
 """
 from __future__ import annotations
@@ -63,13 +64,18 @@ class MPTDistill(Stage):
                 f"got {di.min_tasks}")
         require(len(d.tasks) >= 2, "stage 'mpt-distill' mixes at least 2 source tasks per batch: "
                                    "data.tasks needs 2 or more")
+        require(cfg.train.global_batch_size >= len(d.tasks),
+                f"stage 'mpt-distill': train.global_batch_size ({cfg.train.global_batch_size}) must be at least the "
+                f"{len(d.tasks)} tasks of data.tasks, so that every task a step draws gets an example")
 
     @classmethod
     def input_files(cls, cfg: RunConfig) -> list[str]:
         return super().input_files(cfg) + ([cfg.distill.teachers] if cfg.distill.teachers else [])
 
     def sampler(self, sizes: list[int], source_length):
-        return TaskSubsetSampler(sizes, self.cfg.train.global_batch_size, self.cfg.seed, self.cfg.distill.min_tasks)
+        d = self.cfg.distill
+        return TaskSubsetSampler(sizes, self.cfg.train.global_batch_size, self.cfg.seed, d.min_tasks,
+                                 proportional=d.task_mix == "proportional")
 
     def read_inputs(self, bank, train_examples: int, init_tensors) -> None:
         self.teachers = load_teachers(self.cfg.distill.teachers, self.cfg.data.tasks, bank.length, bank.dim)
@@ -86,5 +92,5 @@ class MPTDistill(Stage):
         d, k = self.cfg.distill, len(self.cfg.data.tasks)
         return [f"MPT distillation from {d.teachers}: loss = PLM + {d.weight:g} x (KL at temperature "
                 f"{d.temperature:g} + hidden MSE ({d.hidden})); K' drawn from [{d.min_tasks}, {k}] tasks per "
-                f"step; shared prompt {bank.length}x{bank.dim} + rank-{bank.rank} factors for {len(bank.tasks)} "
+                f"step ({d.task_mix} shares); shared prompt {bank.length}x{bank.dim} + rank-{bank.rank} factors for {len(bank.tasks)} "
                 "task(s)"]

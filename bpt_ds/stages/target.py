@@ -1,8 +1,10 @@
 """The target stage (algorithms.md §5): prompt tuning on the target task(s), starting from an
 earlier run's prompt file (the mean of a BMTPT posterior, one chosen particle, MPT's shared
 prompt, or any one prompt), with optional low-rank factors on top (prompt.factors.rank,
-train.factor_lr) and an optional prior -β · log p̂(S) fitted to the source particles
-(prior.kind, prior.beta), added to the reduced gradient once per step.
+train.factor_lr) and an optional prior p̂(S) fitted to the source particles (prior.kind,
+prior.beta), in natural units: the objective is N_T · L̄ - β log p̂(S), N_T the number of
+target training examples and L̄ the mean loss, so β = 1 is the MAP under p̂ on 32 examples and
+on 400k alike. Its gradient divided by N_T is added to the reduced gradient once per step.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from .base import Stage
 
 
 class PriorGradient:
-    """The gradient transform: G -> G - β ∇ log p̂(θ) (step.GradTransform)."""
+    """The gradient transform: G -> G - (β / N_T) ∇ log p̂(θ) (step.GradTransform): G is the
+    gradient of the mean loss L̄, so this is the gradient of the MAP objective
+    N_T · L̄ - β log p̂(θ) divided by N_T, the number of target training examples."""
 
-    def __init__(self, prior, beta: float):
-        self.prior, self.beta = prior, beta
+    def __init__(self, prior, beta: float, target_examples: int):
+        self.prior, self.beta = prior, beta / target_examples
         self.scalars: dict[str, float] = {}
 
     def __call__(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ class Target(Stage):
 
     def read_inputs(self, bank, train_examples: int, init_tensors: Optional[dict]) -> None:
         pr = self.cfg.prior
-        self.prior = None
+        self.prior, self.target_examples = None, train_examples
         if pr.beta > 0:
             key = "prior.file" if pr.file else "prompt.init_file"
             # Without prior.file the prior comes from the init file, which the runner has read already.
@@ -71,13 +75,15 @@ class Target(Stage):
     def grad_transform(self, device) -> Optional[PriorGradient]:
         if self.prior is None:
             return None
-        return PriorGradient(self.prior.to(device), self.cfg.prior.beta)
+        return PriorGradient(self.prior.to(device), self.cfg.prior.beta, self.target_examples)
 
     def describe(self, bank) -> list[str]:
         pr, lines = self.cfg.prior, []
         if self.prior is not None:
-            lines.append(f"prior: {pr.kind} over {self.source_shape[0]} source particles, beta {pr.beta:g} "
-                         f"(objective: target loss - beta * log p(S))")
+            n = self.target_examples
+            lines.append(f"prior: {pr.kind} over {self.source_shape[0]} source particles, beta {pr.beta:g} against "
+                         f"{n:,} target examples (objective: {n:,} x mean target loss - {pr.beta:g} x log p(S); "
+                         f"the step's gradient: that of the mean loss - {pr.beta / n:.4g} x grad log p(S))")
         if bank.rank > 0:
             t = self.cfg.train
             lines.append(f"factors: rank {bank.rank}, lr {t.factor_lr if t.factor_lr is not None else t.lr:g} "
