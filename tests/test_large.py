@@ -71,11 +71,13 @@ def test_real_size_backbone_trains_partitioned_frozen_and_untouched_on_two_ranks
         assert r["trainable_backbone"] == [] and r["changed"] == []
         # v1.1: an lm_head of its own, used as the output layer, different from the embedding.
         assert not r["head_is_shared"] and r["head_is_output_embedding"] and r["head_differs_from_shared"]
-        # Loading drew each rank's own partition: no gathered parameter, and a peak of little
-        # more than the partition itself (before: transformers' gathered init, then ours, ~4x).
+        # Loading drew each rank's own partition: no gathered parameter, and a peak under twice
+        # the partition (before: transformers' gathered init, then ours, ~4x). Measured
+        # 2026-12-02 over 7 runs with a 236 MB partition: rank 0 333-334 MB above its start every
+        # time, rank 1 350-452 MB (allocator timing; 1.4x + 100 MB failed once in CI at 454).
         load = r["load"]
         assert load["gathers"] == 0
-        assert load["peak_mb"] - load["rss_before_mb"] <= 1.4 * r["local_bytes"] / 2**20 + 100, load
+        assert load["peak_mb"] - load["rss_before_mb"] <= 2.0 * r["local_bytes"] / 2**20 + 100, load
     # Checkpoints hold the prompt's state, not the backbone.
     step = tmp_path / "run" / "checkpoints" / "step00000002"
     assert sum(f.stat().st_size for f in step.rglob("*") if f.is_file()) < 2_000_000
