@@ -237,10 +237,11 @@ class PriorConfig:
     prior/grad_norm with prior/loss_grad_norm in TensorBoard when choosing β."""
 
     kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
-    # The prior's weight in natural units: the objective is N_T · L̄ - beta · log p̂(S), N_T the
-    # number of target training examples and L̄ the mean target loss, so beta = 1 is the MAP
-    # under p̂ whatever N_T (few-shot or full data); beta > 1 trusts the sources more. 0
-    # switches the prior off (the source then only initializes the prompt).
+    # The prior's weight in natural units: the objective is N · L̄ - beta · log p̂(S), L̄ the
+    # mean loss per target token and N the target tokens of the training set (N · L̄ estimates
+    # the data's negative log-likelihood), so beta = 1 is the MAP under p̂ whatever the data's
+    # size (few-shot or full); beta > 1 trusts the sources more. 0 switches the prior off (the
+    # source then only initializes the prompt).
     beta: float = 0.0
     # The source's prompts.safetensors (or run directory); default: prompt.init_file.
     file: Optional[str] = None
@@ -386,6 +387,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     for k, v in raw.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if key in REPLACED:
+            if key in REMOVED_KEYS and v == REMOVED_KEYS[key]:
+                continue  # its neutral value, as every config.yaml written before the change holds
             raise ConfigError(f"config key '{key}' was replaced: {REPLACED[key]}")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
@@ -446,7 +449,7 @@ def build_config(raw: dict, stages: Mapping[str, Any]) -> RunConfig:
     own (validate), then by its stage's rules. stages: the stage classes by name
     (bpt_ds.stages.STAGES; each has defaults(raw) and validate(cfg))."""
     name = raw.get("stage", RunConfig.stage)
-    if name not in stages:
+    if not isinstance(name, str) or name not in stages:
         raise ConfigError(f"config key 'stage' expects one of {', '.join(repr(k) for k in stages)}; got {name!r}")
     stage = stages[name]
     stage.defaults(raw)
@@ -582,8 +585,8 @@ RESUME_FREE = {"output_dir", "train.steps", "train.epochs", "train.resume", "tra
 LOSS_CONVENTION = "per target token; bmtpt-source: summed token NLL per example"
 
 
-# prior.beta's unit (stage target): the weight of -log p̂(S) against the loss summed over examples.
-PRIOR_UNITS = "beta per N_T target examples"
+# prior.beta's unit (stage target): the weight of -log p̂(S) against the loss summed over the data.
+PRIOR_UNITS = "beta per the training set's target tokens"
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -599,7 +602,8 @@ def _flat(config: dict, prefix: str = "") -> dict:
 SECTION_STAGES = {"svgd": "bmtpt-source", "prior": "target", "distill": "mpt-distill"}
 # Keys added after fingerprints were first written, with the value that the code before them
 # computed with: a fingerprint without the key is read as having that value.
-ADDED_KEYS = {"svgd.init": "independent", "svgd.init_spread": 0.0, "train.optimizer": "adamw"}
+ADDED_KEYS = {"svgd.init": "independent", "svgd.init_spread": 0.0, "train.optimizer": "adamw",
+              "distill.task_mix": "equal"}
 # Keys since removed, with the value under which leaving them out changes nothing.
 REMOVED_KEYS = {"svgd.init_noise": 0.0}
 

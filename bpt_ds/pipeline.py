@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import RunConfig, fingerprint_changes, steps_for_epochs
+from .deepspeed_setup import micro_batch_size
 from .distributed import StopFlag
+from .errors import ConfigError
 from .files import DONE_FILE
 from .runner import run_stage
 from .stages import STAGES
@@ -29,6 +31,8 @@ def finished(cfg: RunConfig) -> Optional[str]:
         done = json.loads(marker.read_text())
         if fingerprint_changes(cfg, done["fingerprint"]) or done["inputs"] != STAGES[cfg.stage].input_digests(cfg):
             return "other"
+        if cfg.train.epochs is not None and "train_examples" not in done:
+            return "short"  # written before train.epochs: the run resumes and counts its steps itself
         steps = (cfg.train.steps if cfg.train.epochs is None else
                  steps_for_epochs(cfg.train.epochs, done["train_examples"], cfg.train.global_batch_size))
         return "done" if done["stopped"] or done["step"] >= steps else "short"
@@ -50,8 +54,12 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
     # Particles against ranks, for every stage before the first one runs (the launcher sets
     # WORLD_SIZE; a plain python run is one rank).
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for _, cfg in runs:
+    for name, cfg in runs:
         STAGES[cfg.stage].placement(cfg, world)
+        try:  # the batch against the ranks too, before the first stage trains
+            micro_batch_size(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
+        except ConfigError as e:
+            raise ConfigError(f"stage '{name}': {e}") from None
     ran: dict[Path, str] = {}  # output directories of the stages this command ran -> their names
     for i, (name, cfg) in enumerate(runs):
         if len(runs) > 1:

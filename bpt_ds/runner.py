@@ -116,7 +116,8 @@ class Runner:
         self.sampler = stage.sampler([len(t.inputs) for t in self.train_tasks],
                                      lambda pair: len(self.train_tasks[pair[0]].inputs[pair[1]]))
         bank = self._prompt_bank(AutoConfig.from_pretrained(model_path).d_model, init_tensors)
-        stage.read_inputs(bank, data.train_examples, init_tensors)
+        stage.read_inputs(bank, data.train_examples, init_tensors,
+                          train_tokens=sum(len(y) for task in self.train_tasks for y in task.targets))
         values = bank.size()
         job.on_every_rank(lambda: check_free_space(
             self.out, (cfg.train.keep_checkpoints + 1) * checkpoint_bytes_estimate(values) + 3 * 4 * values,

@@ -99,18 +99,24 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
             shared.append(text)
     runs, dirs = [], {}
     for i, (name, st) in enumerate(zip(names, stages)):
-        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k not in ("name", "_output_parts", "_each_seed")})
+        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k not in ("name", "_output_parts", "_each_seed", "_each_task")})
         if "_output_parts" in st:  # an expanded stage: <output_dir>/<name>/<task>/seed<seed> under its own or the root
             parent = merged.pop("output_dir", None) or root + "/" + st["_output_parts"][0]
             merged["output_dir"] = "/".join([parent, *st["_output_parts"][1:]])
         merged.setdefault("output_dir", f"{root}/{name}")
         for text in shared + per_stage[name]:
             key, value = parse_override(text)
+            listed = ("each_seed" if key == "seed" and st.get("_each_seed") else
+                      "each_task" if key == "data.tasks" and st.get("_each_task") else None)
+            if listed:
+                raise ConfigError(f"pipeline '{path}', stage '{name}': '{text}' would override what its {listed} "
+                                  f"list sets; change the list instead ({st['_output_parts'][0]}.{listed}=[...])")
             set_dotted(merged, key, value)
         if seed is not None:
             merged["seed"] = seed
             merged["output_dir"] = f"{merged['output_dir']}/seed{seed}"
-        merged = _substitute(merged, dirs, names[i:], f"pipeline '{path}', stage '{name}'")
+        merged = _substitute(merged, dirs, names[i:] + [n for n in expanded if n not in names],
+                             f"pipeline '{path}', stage '{name}'")
         try:
             cfg = build_config(merged, STAGES)
         except ConfigError as e:
@@ -159,6 +165,7 @@ def _expand(stages: list[dict], overrides, where: str) -> list[dict]:
                 one = _deep_merge(base, {"data": {"tasks": [task]}} if task is not None else {})
                 suffix = "".join([f"-{task}" if task is not None else "", f"-seed{seed}" if seed is not None else ""])
                 one["name"] = f"{name}{suffix}"
+                one["_each_task"] = task is not None
                 if seed is not None:
                     one["seed"], one["_each_seed"] = seed, True
                 parts = [str(task)] if task is not None else []
@@ -184,7 +191,8 @@ def _substitute(value: Any, dirs: dict[str, str], later: list[str], where: str) 
     if isinstance(value, str) and "{" in value:
         for name in later:
             if "{" + name + "}" in value:
-                raise ConfigError(f"{where}: '{value}' refers to stage '{name}', which does not run before it")
+                raise ConfigError(f"{where}: '{value}' refers to stage '{name}', which does not run before it "
+                                  "(or runs once per task or seed: refer to one of the stages it becomes)")
         for name, d in dirs.items():
             value = value.replace("{" + name + "}", d)
     return value

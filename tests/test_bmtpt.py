@@ -233,14 +233,15 @@ def test_pipeline_source_then_target_with_prior_and_factors(cache, tmp_path):
     out = tmp_path / "runs"
     args = ["--config", str(pipeline), f"output_dir={out}", "model.dtype=fp32", "train.steps=12",
             "train.eval_every=0", "train.save_every=0", "train.log_every=4", "source.data.synthetic_train_examples=400",
-            "target.prior.kind=gaussian-diagonal", "target.prior.beta=20", "data.max_eval_examples=16"]
+            "target.prior.kind=gaussian-diagonal", "target.prior.beta=60", "data.max_eval_examples=16"]
     proc = run_ds(1, TRAIN, *args, cache=cache)
     assert proc.returncode == 0
     assert "[bpt_ds] pipeline stage 2/3: target (target) -> " + str(out / "target") in proc.stdout
-    # Natural units: beta 20 against polarity's 2,000 examples is a step gradient of 0.01 x grad log p.
-    assert ("prior: gaussian-diagonal over 4 source particles, beta 20 against 2,000 target examples (objective: "
-            "2,000 x mean target loss - 20 x log p(S); the step's gradient: that of the mean loss - 0.01 x "
-            "grad log p(S))") in proc.stdout
+    # Natural units: beta 60 against polarity's 6,000 target tokens (2,000 labels of 2 or 4 tokens,
+    # eos included) is a step gradient of 0.01 x grad log p, the weight this test used before.
+    assert ("prior: gaussian-diagonal over 4 source particles, beta 60 against the 6,000 target tokens of the "
+            "training set (objective: 6,000 x mean token loss - 60 x log p(S); the step's gradient: that of the mean "
+            "loss - 0.01 x grad log p(S))") in proc.stdout
     assert "factors: rank 1, lr 0.01 (prompt lr 0.1); parameters per target task: 2,192" in proc.stdout
     # SVGD's likelihood scale defaults to the number of source training examples: 2 x 400.
     assert "likelihood scale 800 (training examples)" in proc.stdout

@@ -3,6 +3,7 @@ validates, they share one set of sources, and each command runs end to end on th
 from fixture files in the hub's columns, with the table written by python -m bpt_ds.results."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,15 @@ def test_the_three_table_commands_expand_to_every_method_task_and_seed():
     for c in table.values():
         assert c.train.weight_decay == 1e-5 and c.data.eval_mode == "generate" and c.prompt.length == 100
     assert targets(few)[("pt", "cb", 16, 2)].output_dir == "runs/paper/few_shot/pt-k16/cb/seed2"
+    # Every stage fits every GPU count the README offers: particles and teachers whole on ranks,
+    # the global batch a multiple of the ranks (checked before the first stage trains).
+    from bpt_ds.deepspeed_setup import micro_batch_size
+    from bpt_ds.stages import STAGES
+
+    for world in (1, 2, 3, 6, 12):
+        for _, c in glue + others + few:
+            STAGES[c.stage].placement(c, world)
+            micro_batch_size(c.train.global_batch_size, c.train.micro_batch_size, world)
 
 
 def test_each_task_and_each_seed_errors_name_the_stage(tmp_path):
@@ -72,6 +82,18 @@ def test_each_task_and_each_seed_errors_name_the_stage(tmp_path):
     f.write_text("output_dir: r\nstages:\n  - {name: t, stage: pt, each_task: [polarity, mood], each_seed: [1, 2]}\n")
     with pytest.raises(ConfigError, match=r"--seeds and a stage's each_seed both set the seeds; use one"):
         load_runs(str(f), seed=3)
+    for override, listed in [("seed=5", "each_seed"), ("data.tasks=[mood]", "each_task")]:
+        with pytest.raises(ConfigError, match=re.escape(f"stage 't-polarity-seed1': '{override}' would override "
+                                                        f"what its {listed} list sets; change the list instead "
+                                                        f"(t.{listed}=[...])")):
+            load_runs(str(f), [override])
+    f2 = tmp_path / "q.yaml"
+    f2.write_text("stages:\n  - {name: t, stage: pt, each_task: [polarity]}\n"
+                  "  - {name: u, stage: spot, prompt: {init_file: '{t}'}}\n")
+    with pytest.raises(ConfigError, match=re.escape("'{t}' refers to stage 't', which does not run before it (or "
+                                                    "runs once per task or seed: refer to one of the stages it "
+                                                    "becomes)")):
+        load_runs(str(f2))
     runs = load_runs(str(f), ["t.each_task=[mood]", "t.train.steps=7"])
     assert [(n, c.output_dir, c.seed, c.train.steps) for n, c in runs] == [
         ("t-mood-seed1", "r/t/mood/seed1", 1, 7), ("t-mood-seed2", "r/t/mood/seed2", 2, 7)]

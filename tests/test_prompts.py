@@ -193,9 +193,15 @@ def test_bmtpt_source_spreads_a_one_prompt_file_keeps_an_m_prompt_file_and_warns
     assert warnings == [
         "bmtpt-source: all 3 particles start equal and svgd.init_spread=0; SVGD's repulsion is zero between "
         "equal particles, so they would stay equal. Set svgd.init_spread (e.g. 0.1) to spread them."]
+    _, warnings, _ = source_start(torch.zeros(1, 4, 8), init="file")
+    assert warnings == [
+        "bmtpt-source: all 3 particles start equal and they are all zero (the noise is relative to their size); "
+        "SVGD's repulsion is zero between equal particles, so they would stay equal. Start them from "
+        "prompt.init=vocab or random, or a non-zero prompt file."]
 
 
 def test_the_replaced_init_noise_key_says_what_to_write_instead():
+    """Its neutral value (0.0, in every config.yaml saved before the change) still loads."""
     from bpt_ds.errors import ConfigError
     from bpt_ds.runs import load_config
 
@@ -204,6 +210,7 @@ def test_the_replaced_init_noise_key_says_what_to_write_instead():
     assert str(err.value) == (
         "config key 'svgd.init_noise' was replaced: use svgd.init_spread, which is relative to the starting "
         "particles' RMS coordinate (an absolute std s is svgd.init_spread = s / that RMS; the log prints the RMS)")
+    assert load_config(None, ["stage=bmtpt-source", "svgd.init_noise=0.0"]).svgd.init_spread is None
 
 
 def test_ensemble_scores_are_the_posterior_predictive(tiny_backbone_path):

@@ -231,6 +231,10 @@ def test_a_fingerprint_from_before_a_key_existed_reads_as_the_code_that_wrote_it
     with pytest.raises(ConfigError, match=re.escape("(svgd.init: 'independent' -> 'shared', svgd.init_spread: 0.0 -> "
                                                     "None); resuming would mix two runs")):
         check_same_config(source, written_before(source))
+    teachers = load_config(None, [f"output_dir={tmp_path}", "stage=mpt-distill", "data.tasks=[sentiment,mood]",
+                                  "distill.teachers=t"])
+    old = {k: v for k, v in config_fingerprint(teachers).items() if k != "distill.task_mix"}
+    check_same_config(teachers, old)  # distill.task_mix came later; equal shares is what older code did
     legacy = load_config(None, [f"output_dir={tmp_path}", "stage=bmtpt-source", "prompt.particles=2",
                                 "svgd.init=independent", "svgd.init_spread=0"])
     check_same_config(legacy, written_before(source))

@@ -347,8 +347,9 @@ def test_make_prior_unknown_kind():
 
 
 def test_the_target_prior_is_weighted_in_natural_units_against_the_target_examples():
-    """prior.beta against N_T: the objective N_T · L̄ - β log p̂(S), so the step's gradient is
-    G - (β / N_T) ∇log p̂ (G the mean loss's), checked against the KDE's gradient by hand in fp64;
+    """prior.beta against the N target tokens of the training set: the objective N · L̄ - β log p̂(S)
+    (L̄ the mean loss per target token), so the step's gradient is G - (β / N) ∇log p̂ (G the mean
+    loss's), checked against the KDE's gradient by hand in fp64;
     the log says both; a checkpoint written under the old units (β ∇log p̂) is refused by name."""
     from bpt_ds.checkpoints import check_same_config
     from bpt_ds.config import config_fingerprint
@@ -362,7 +363,7 @@ def test_the_target_prior_is_weighted_in_natural_units_against_the_target_exampl
                              "prior.beta=3", "prior.bandwidth=2.5", "output_dir=/nonexistent/run"])
     bank = PromptBank(1, 2, 4)
     stage = Target(cfg)
-    stage.read_inputs(bank, 50, {"particles": source})
+    stage.read_inputs(bank, 20, {"particles": source}, train_tokens=50)
     transform = stage.grad_transform(torch.device("cpu"))
     theta, grad = _rand(31, 1, 2, 4).float(), _rand(32, 1, 2, 4).float()
     out = transform(theta, grad)
@@ -374,11 +375,12 @@ def test_the_target_prior_is_weighted_in_natural_units_against_the_target_exampl
     torch.testing.assert_close(out.double().flatten(1), grad.double().flatten(1) - (3 / 50) * d_log_p,
                                rtol=1e-5, atol=1e-6)
     assert stage.describe(bank)[0] == (
-        "prior: kde over 3 source particles, beta 3 against 50 target examples (objective: 50 x mean target loss "
-        "- 3 x log p(S); the step's gradient: that of the mean loss - 0.06 x grad log p(S))")
+        "prior: kde over 3 source particles, beta 3 against the 50 target tokens of the training set (objective: "
+        "50 x mean token loss - 3 x log p(S); the step's gradient: that of the mean loss - 0.06 x grad log p(S))")
 
     old = {k: v for k, v in config_fingerprint(cfg).items() if k != "prior_units"}
     with pytest.raises(ConfigError, match=re.escape(
-            "was written with a different config (prior_units: None -> 'beta per N_T target examples')")):
+            "was written with a different config (prior_units: None -> \"beta per the training set's target "
+            "tokens\")")):
         check_same_config(cfg, old)
     assert "prior_units" not in config_fingerprint(load_config(None, ["stage=target", "prompt.init_file=x"]))

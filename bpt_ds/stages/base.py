@@ -121,9 +121,11 @@ class Stage:
             sampler = LengthGroupedSampler(sampler, source_length, self.cfg.data.group_by_length, self.cfg.seed)
         return sampler
 
-    def read_inputs(self, bank: PromptBank, train_examples: int, init_tensors: Optional[dict]) -> None:
+    def read_inputs(self, bank: PromptBank, train_examples: int, init_tensors: Optional[dict],
+                    train_tokens: int = 0) -> None:
         """Reads and checks the stage's input files against the bank's shape (ConfigError naming the
-        key); cheap, before the backbone loads. train_examples: Σ of the training tasks' sizes."""
+        key); cheap, before the backbone loads. train_examples: Σ of the training tasks' sizes;
+        train_tokens: Σ of their examples' target tokens (what a per-token mean loss divides by)."""
 
     def init_bank(self, bank: PromptBank) -> list[str]:
         """Changes to the initialized prompt bank before DeepSpeed takes it; returns warnings."""

@@ -77,7 +77,8 @@ class BMTPTSource(Stage):
         require(p.factors.rank == 0, "stage 'bmtpt-source' samples the base prompt S only: set prompt.factors.rank=0 "
                                      "(low-rank factors belong to the target stage)")
 
-    def read_inputs(self, bank, train_examples: int, init_tensors) -> None:
+    def read_inputs(self, bank, train_examples: int, init_tensors,
+                    train_tokens: int = 0) -> None:
         s = self.cfg.svgd
         # Σ_k N_k by default: the sampler mixes tasks in proportion to their sizes, so the mean over
         # a block of each example's summed token NLL times the total count estimates the data's
@@ -98,10 +99,12 @@ class BMTPTSource(Stage):
             if spread > 0:
                 gen = torch.Generator().manual_seed(self.cfg.seed + 1)
                 bank.particles.add_(torch.randn(bank.shape, generator=gen) * (spread * self.start_rms))
-        if equal and spread == 0 and s.repulsive:
-            return [f"bmtpt-source: all {m} particles start equal and svgd.init_spread=0; SVGD's repulsion is "
-                    "zero between equal particles, so they would stay equal. Set svgd.init_spread (e.g. 0.1) "
-                    "to spread them."]
+        if equal and spread * self.start_rms == 0 and s.repulsive:
+            why = "svgd.init_spread=0" if spread == 0 else "they are all zero (the noise is relative to their size)"
+            fix = ("Set svgd.init_spread (e.g. 0.1) to spread them." if spread == 0 else
+                   "Start them from prompt.init=vocab or random, or a non-zero prompt file.")
+            return [f"bmtpt-source: all {m} particles start equal and {why}; SVGD's repulsion is zero between "
+                    f"equal particles, so they would stay equal. {fix}"]
         return []
 
     def grad_transform(self, device) -> SVGDDirection:

@@ -77,7 +77,8 @@ class MPTDistill(Stage):
         return TaskSubsetSampler(sizes, self.cfg.train.global_batch_size, self.cfg.seed, d.min_tasks,
                                  proportional=d.task_mix == "proportional")
 
-    def read_inputs(self, bank, train_examples: int, init_tensors) -> None:
+    def read_inputs(self, bank, train_examples: int, init_tensors,
+                    train_tokens: int = 0) -> None:
         self.teachers = load_teachers(self.cfg.distill.teachers, self.cfg.data.tasks, bank.length, bank.dim)
 
     def model(self, backbone, bank) -> DistilledT5:

@@ -2,9 +2,10 @@
 earlier run's prompt file (the mean of a BMTPT posterior, one chosen particle, MPT's shared
 prompt, or any one prompt), with optional low-rank factors on top (prompt.factors.rank,
 train.factor_lr) and an optional prior p̂(S) fitted to the source particles (prior.kind,
-prior.beta), in natural units: the objective is N_T · L̄ - β log p̂(S), N_T the number of
-target training examples and L̄ the mean loss, so β = 1 is the MAP under p̂ on 32 examples and
-on 400k alike. Its gradient divided by N_T is added to the reduced gradient once per step.
+prior.beta), in natural units: the objective is N · L̄ - β log p̂(S), L̄ the mean loss per
+target token and N the target tokens of the training set, so N · L̄ estimates the data's
+negative log-likelihood and β = 1 is the MAP under p̂ on 32 examples and on 400k alike. Its
+gradient divided by N is added to the reduced gradient once per step.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from .base import Stage
 
 
 class PriorGradient:
-    """The gradient transform: G -> G - (β / N_T) ∇ log p̂(θ) (step.GradTransform): G is the
-    gradient of the mean loss L̄, so this is the gradient of the MAP objective
-    N_T · L̄ - β log p̂(θ) divided by N_T, the number of target training examples."""
+    """The gradient transform: G -> G - (β / N) ∇ log p̂(θ) (step.GradTransform): G is the
+    gradient of the per-target-token mean loss L̄, and N the target tokens of the training set,
+    so N · L̄ estimates the data's negative log-likelihood and this is the gradient of the MAP
+    objective -log p(D_T | θ) - β log p̂(θ), divided by N."""
 
-    def __init__(self, prior, beta: float, target_examples: int):
-        self.prior, self.beta = prior, beta / target_examples
+    def __init__(self, prior, beta: float, target_tokens: int):
+        self.prior, self.beta = prior, beta / target_tokens
         self.scalars: dict[str, float] = {}
 
     def __call__(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,12 @@ class Target(Stage):
             files.append(cfg.prior.file or cfg.prompt.init_file)
         return files
 
-    def read_inputs(self, bank, train_examples: int, init_tensors: Optional[dict]) -> None:
+    def read_inputs(self, bank, train_examples: int, init_tensors: Optional[dict],
+                    train_tokens: int = 0) -> None:
         pr = self.cfg.prior
-        self.prior, self.target_examples = None, train_examples
+        self.prior, self.target_tokens = None, train_tokens
+        if pr.beta > 0 and train_tokens < 1:
+            raise ValueError("the target stage's prior needs the training set's target token count")
         if pr.beta > 0:
             key = "prior.file" if pr.file else "prompt.init_file"
             # Without prior.file the prior comes from the init file, which the runner has read already.
@@ -75,15 +80,16 @@ class Target(Stage):
     def grad_transform(self, device) -> Optional[PriorGradient]:
         if self.prior is None:
             return None
-        return PriorGradient(self.prior.to(device), self.cfg.prior.beta, self.target_examples)
+        return PriorGradient(self.prior.to(device), self.cfg.prior.beta, self.target_tokens)
 
     def describe(self, bank) -> list[str]:
         pr, lines = self.cfg.prior, []
         if self.prior is not None:
-            n = self.target_examples
+            n = self.target_tokens
             lines.append(f"prior: {pr.kind} over {self.source_shape[0]} source particles, beta {pr.beta:g} against "
-                         f"{n:,} target examples (objective: {n:,} x mean target loss - {pr.beta:g} x log p(S); "
-                         f"the step's gradient: that of the mean loss - {pr.beta / n:.4g} x grad log p(S))")
+                         f"the {n:,} target tokens of the training set (objective: {n:,} x mean token loss - "
+                         f"{pr.beta:g} x log p(S); the step's gradient: that of the mean loss - {pr.beta / n:.4g} x "
+                         "grad log p(S))")
         if bank.rank > 0:
             t = self.cfg.train
             lines.append(f"factors: rank {bank.rank}, lr {t.factor_lr if t.factor_lr is not None else t.lr:g} "
