@@ -99,8 +99,8 @@ def load_runs(path: Optional[str] = None, overrides: tuple[str, ...] | list[str]
             shared.append(text)
     runs, dirs = [], {}
     for i, (name, st) in enumerate(zip(names, stages)):
-        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k not in ("name", "_output_parts", "_each_seed", "_each_task")})
-        if "_output_parts" in st:  # an expanded stage: <output_dir>/<name>/<task>/seed<seed> under its own or the root
+        merged = _deep_merge(defaults, {k: v for k, v in st.items() if k != "name" and not k.startswith("_")})
+        if "_output_parts" in st:  # expanded: <output_dir>/<name>/<task>/seed<seed>, under its own or the root
             parent = merged.pop("output_dir", None) or root + "/" + st["_output_parts"][0]
             merged["output_dir"] = "/".join([parent, *st["_output_parts"][1:]])
         merged.setdefault("output_dir", f"{root}/{name}")
