@@ -12,7 +12,7 @@ At config time (classmethods, no files read):
     input_files(cfg)       the files from other runs it reads (input_digests: their sha256, in done.json)
 Before the backbone loads (the stage object, one per run):
     sampler(sizes, source_length)   which (task, example) pairs make each step's global batch
-    read_inputs(bank, train_examples, init_tensors)   reads and checks its input files
+    read_inputs(bank, train_examples, init_tensors, train_tokens)   reads and checks its input files
     init_bank(bank) -> warnings     changes to the initialized prompt bank
 With the backbone:
     model(backbone, bank)           the module DeepSpeed wraps
