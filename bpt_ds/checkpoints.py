@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ADDED_KEYS, RESUME_FREE, RunConfig, config_fingerprint, fingerprint_changes
+from .config import RESUME_FREE, RunConfig, compare_fingerprint
 from .distributed import barrier, is_comm_failure, rank, world_size
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, free_bytes, mib, utc_stamp
@@ -64,10 +64,8 @@ def check_same_config(cfg: RunConfig, saved: Optional[dict]) -> None:
     this check carry none and are trusted."""
     if saved is None:
         return
-    now = config_fingerprint(cfg)
-    changed = fingerprint_changes(cfg, saved)
+    was, now, changed = compare_fingerprint(cfg, saved)
     if changed:
-        was = {**ADDED_KEYS, **saved}
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ConfigError(
             f"the checkpoint in {checkpoint_dir(cfg)} was written with a different config "

@@ -627,14 +627,20 @@ def _applies(key: str, stage: str) -> bool:
     return SECTION_STAGES.get(section, stage) == stage
 
 
-def fingerprint_changes(cfg: RunConfig, saved: dict) -> list[str]:
-    """The keys in which a saved fingerprint (a checkpoint's, a done.json's) differs from this
-    config's, reading an older fingerprint as the code that wrote it computed (ADDED_KEYS,
-    REMOVED_KEYS, and the sections of other stages left out)."""
+def compare_fingerprint(cfg: RunConfig, saved: dict) -> tuple[dict, dict, list[str]]:
+    """(the saved fingerprint as today's code reads it, this config's, the keys that differ).
+    A saved fingerprint (a checkpoint's, a done.json's) is read as the code that wrote it
+    computed: ADDED_KEYS at their old values, REMOVED_KEYS at their neutral ones dropped, and the
+    sections of other stages left out."""
     now = config_fingerprint(cfg)
     old = {k: v for k, v in saved.items() if _applies(k, cfg.stage)
            and not (k in REMOVED_KEYS and v == REMOVED_KEYS[k])}
     for key, value in ADDED_KEYS.items():
         if key not in old and key in now:
             old[key] = value
-    return sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    return old, now, sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+
+
+def fingerprint_changes(cfg: RunConfig, saved: dict) -> list[str]:
+    """The keys in which a saved fingerprint differs from this config's (compare_fingerprint)."""
+    return compare_fingerprint(cfg, saved)[2]

@@ -211,8 +211,8 @@ class SkippableSGD(Skippable, torch.optim.SGD):
     """Plain gradient steps, θ -= lr · g (train.optimizer=sgd)."""
 
 
-class SVGDAdagrad(Skippable, torch.optim.Optimizer):
-    """The step of Liu & Wang's reference SVGD code (train.optimizer=svgd-adagrad):
+class LiuWangStep(torch.optim.Optimizer):
+    """The step of Liu & Wang's reference SVGD code:
         h_1 = g_1²,  h_t = α h_{t-1} + (1 - α) g_t²,  θ -= lr · g_t / (ε + √h_t)
     with α = 0.9 and ε = 1e-6 (their `alpha` and `fudge_factor`); g is -φ here."""
 
@@ -220,7 +220,7 @@ class SVGDAdagrad(Skippable, torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
 
     @torch.no_grad()
-    def _step(self) -> None:
+    def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -231,12 +231,11 @@ class SVGDAdagrad(Skippable, torch.optim.Optimizer):
                 else:
                     state["h"].mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
                 p.addcdiv_(g, state["h"].sqrt().add_(group["eps"]), value=-group["lr"])
-
-    def step(self, closure=None):
-        if self.skip:
-            return None
-        self._step()
         return None
+
+
+class SVGDAdagrad(Skippable, LiuWangStep):
+    """Liu & Wang's step (train.optimizer=svgd-adagrad)."""
 
 
 @dataclass
