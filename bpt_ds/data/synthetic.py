@@ -5,7 +5,10 @@ topic word, shuffled together, so all tasks read the same kind of sentence and
 differ only in which word decides the label. ``sentiment``, ``mood`` and
 ``topic`` pre-train the tiny backbone; ``polarity`` is held out: its keywords
 mix half of sentiment's and half of mood's, which makes it a related-but-new
-target for prompt transfer.
+target for prompt transfer. ``contrary`` reads sentiment's keywords with the labels
+swapped (the same inputs, the opposite answer): a source that interferes with
+sentiment, pre-trained only by the transfer benchmark's backbone
+(bench/transfer_power.py), not by the default recipe.
 
 Everything is deterministic given a seed and uses its own ``random.Random``.
 """
@@ -83,6 +86,10 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
             "topic", tuple(TOPIC_WORDS), True, tuple(TOPIC_WORDS.values()), _ALL_POLARITY_WORDS,
         ),
         SyntheticTask(
+            "contrary", ("positive", "negative"), True,
+            (SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE), _ALL_TOPIC_WORDS,
+        ),
+        SyntheticTask(
             "polarity", ("positive", "negative"), False,
             (_half(SENTIMENT_POSITIVE) + _half(MOOD_HAPPY), _half(SENTIMENT_NEGATIVE) + _half(MOOD_SAD)),
             _ALL_TOPIC_WORDS,
@@ -141,13 +148,19 @@ def with_prefix(task: str, text: str) -> str:
     return f"{task}: {text}"
 
 
+# The tasks whose lines train the tokenizer: fixed, so that a task added later (contrary) leaves
+# every recipe's vocabulary as it was. A new task's words must be words of these tasks (its
+# prefix is spelled from pieces, which character_coverage 1.0 guarantees).
+CORPUS_TASKS = ("sentiment", "mood", "topic", "polarity")
+
+
 def corpus(seed: int, n_lines: int = 20000) -> list[str]:
     """Tokenizer-training lines: each task's prefixed input, then its target on its own line.
 
     Targets get their own lines because sentencepiece 0.2.3's seed-piece search
     splits nearly every word when each line ends in a label word.
     """
-    names = list(SYNTHETIC_TASKS)
+    names = list(CORPUS_TASKS)
     per_task = -(-n_lines // (2 * len(names)))
     streams = [make_examples(name, per_task, seed, "train") for name in names]
     lines = [
