@@ -9,7 +9,7 @@ task's own teacher). With M = 1 it is the prompt itself either way.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,8 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def predict(model: DeepSpeedModel, tasks: list[EncodedTask], batch_size: int, pad_id: int, ensemble: bool = False,
-            generate: bool = False, max_new_tokens: int = 32) -> dict[str, list]:
+            generate: bool = False, max_new_tokens: int = 32,
+            progress: Optional[Callable[[int], None]] = None) -> dict[str, list]:
     """Predictions of every example of every task, in example order, the same on every rank.
 
     ensemble (M > 1 particles): what is scored is the particles' posterior predictive
@@ -43,7 +44,8 @@ def predict(model: DeepSpeedModel, tasks: list[EncodedTask], batch_size: int, pa
     one is predicted exactly once. Every rank runs the same number of forward passes (ZeRO-3
     gathers parameters collectively), padding its shard with placeholders it drops; generation
     passes synced_gpus under ZeRO-3 so that a rank whose batch finishes early keeps stepping
-    with the others instead of hanging them.
+    with the others instead of hanging them. progress(n): called after each batch with the
+    number of examples the ranks have just predicted together (a progress bar on rank 0).
     """
     ds = model.ds
     ds.eval()
@@ -70,6 +72,8 @@ def predict(model: DeepSpeedModel, tasks: list[EncodedTask], batch_size: int, pa
                                                   batch["task_ids"], candidates, ensemble=ensemble)
                 out = out.argmax(-1).tolist()
             preds += [(i, p) for i, p in zip(chunk, out) if i >= 0]
+            if progress is not None:
+                progress(min(n, (start + len(chunk)) * w) - min(n, start * w))
         gathered: list[Any] = [None] * w
         if w > 1:
             dist.all_gather_object(gathered, preds)
@@ -98,17 +102,7 @@ class Evaluator:
         generate = d.eval_mode == "generate"
         preds = predict(self.model, tasks, self.batch_size, self.tokenizer.pad_token_id, ensemble=self.ensemble,
                         generate=generate, max_new_tokens=d.max_new_tokens)
-        out = {}
-        for task in tasks:
-            p = preds[task.name]
-            if generate or task.kind == "qa":
-                texts = [t.strip() for t in self.tokenizer.batch_decode(p, skip_special_tokens=True)]
-            else:
-                texts = [task.labels[i] for i in p]
-            golds = [row["answers"] if task.kind == "qa" else row["target"] for row in task.rows]
-            groups = [row.get("group") for row in task.rows]
-            out[task.name] = compute_metrics(task.metrics, texts, golds, labels=task.labels, groups=groups)
-        return out
+        return {task.name: texts_and_metrics(task, preds[task.name], self.tokenizer, generate)[1] for task in tasks}
 
     def log(self, split: str, metrics: dict, step: int) -> None:
         """TensorBoard scalars <split>/<task>/<metric> and one line."""
@@ -121,6 +115,21 @@ class Evaluator:
             + (f" ({v['invalid']} of {v['examples']} predictions invalid)" if v["invalid"] else "")
             for task, v in metrics.items())
         self.report.info(f"step {step} {split} ({self.scored}): {summary}")
+
+
+def texts_and_metrics(task: EncodedTask, preds: list, tokenizer, generate: bool,
+                      score: bool = True) -> tuple[list[str], Optional[dict]]:
+    """The predicted texts of a task's examples (predict's label indices or token ids) and,
+    with score, their metrics against the rows' targets (bpt_ds.metrics)."""
+    if generate or task.kind == "qa":
+        texts = [t.strip() for t in tokenizer.batch_decode(preds, skip_special_tokens=True)]
+    else:
+        texts = [task.labels[i] for i in preds]
+    if not score:
+        return texts, None
+    golds = [row["answers"] if task.kind == "qa" else row["target"] for row in task.rows]
+    groups = [row.get("group") for row in task.rows]
+    return texts, compute_metrics(task.metrics, texts, golds, labels=task.labels, groups=groups)
 
 
 def what_is_scored(posterior_predictive: bool, particles: int) -> tuple[bool, str]:
