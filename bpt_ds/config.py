@@ -35,6 +35,8 @@ class ModelConfig:
     # T5 overflows in fp16, so fp16 is not offered. auto: bf16 on GPUs, fp32 on CPU
     # (bf16 matmuls on CPUs without native bf16 units are several times slower).
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    # Recompute the backbone's activations in the backward pass: less activation memory for
+    # about a third more compute (python -m bpt_ds.plan says when it is needed).
     gradient_checkpointing: bool = False
     # Attention kernel: sdpa (torch's scaled_dot_product_attention, transformers' default for
     # T5) or eager (the reference implementation, which keeps every score matrix).
@@ -49,6 +51,7 @@ class ModelConfig:
 class FactorsConfig:
     # Rank r of the per-task low-rank factors U_t [l, r], V_t [r, d]; 0 switches them off.
     rank: int = 0
+    # Std of the factors' random start (U and V).
     init_std: float = 0.01
     # When prompt.init_file holds factors of other (source) tasks, e.g. an mpt-distill run:
     # null starts this run's tasks from fresh factors (a task of the same name keeps its own),
@@ -58,9 +61,15 @@ class FactorsConfig:
 
 @dataclass
 class PromptConfig:
+    # Virtual tokens l of the soft prompt.
     length: int = 16
+    # M prompts in the bank: bmtpt-source's SVGD particles; in a target run, M particles continued
+    # and scored by their posterior predictive; mpt-teachers has one per task.
     particles: int = 1
+    # Where the prompt starts: random (Gaussian, std prompt.init_std), vocab (embeddings of
+    # vocabulary rows drawn with the seed) or file (prompt.init_file).
     init: Literal["random", "vocab", "file"] = "vocab"
+    # Std of prompt.init=random.
     init_std: float = 0.5
     # prompts.safetensors of an earlier run (or that run's output directory): required by
     # init=file and by stages spot and target.
@@ -75,12 +84,15 @@ class PromptConfig:
 class LocalTaskConfig:
     """A task read from local files (JSON/JSONL, CSV or Parquet) through `datasets`."""
 
+    # The training file.
     train: Optional[str] = None
     # The dev set (evaluated every train.eval_every steps; picks the reported step).
     validation: Optional[str] = None
     # The test set, evaluated whenever the dev score improves.
     test: Optional[str] = None
+    # The file's column of input text.
     input_column: str = "input"
+    # The file's column of targets (labels, or answers).
     target_column: str = "target"
     # Verbalized labels for rank classification; default: the sorted distinct train targets.
     labels: Optional[list[str]] = None
@@ -89,7 +101,7 @@ class LocalTaskConfig:
 @dataclass
 class DataConfig:
     # Training tasks: suite tasks (mnli, rte, squad, ...: `python -m bpt_ds.data.registry`),
-    # synthetic tasks (polarity, sentiment, mood, topic) or names defined under data.local.
+    # synthetic tasks (polarity, sentiment, mood, topic, contrary) or names defined under data.local.
     tasks: list[str] = field(default_factory=lambda: ["polarity"])
     # Evaluation tasks; default: the training tasks.
     eval_tasks: Optional[list[str]] = None
@@ -116,9 +128,13 @@ class DataConfig:
     eval_mode: Literal["rank", "generate"] = "rank"
     # Longest generated answer (QA, and classification with eval_mode=generate).
     max_new_tokens: int = 32
+    # Examples generated per synthetic task for training.
     synthetic_train_examples: int = 2000
+    # Examples generated per synthetic task for the dev split, and as many for test.
     synthetic_eval_examples: int = 200
+    # Tokens of an input (eos included); longer inputs are cut, and the log says how many.
     max_source_length: int = 64
+    # Tokens of a target (eos included); longer answers are cut, longer labels refused.
     max_target_length: int = 8
     # Cap on evaluation examples per task (0 = all).
     max_eval_examples: int = 0
@@ -130,15 +146,18 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps (unless train.epochs is set).
     steps: int = 200
     # Train for this many passes over the training examples instead (the papers' unit):
     # train.steps becomes ceil(epochs x examples / global_batch_size), said in the log; a
     # resume may change it, as it may train.steps.
     epochs: Optional[float] = None
+    # Examples per optimizer step over all ranks (micro x accumulation x ranks).
     global_batch_size: int = 32
     # Per-rank micro-batch; gradient accumulation = global / (micro x world size).
     # null: the largest divisor of global / world size that is at most 16.
     micro_batch_size: Optional[int] = None
+    # Learning rate of the prompt particles (factors: train.factor_lr).
     lr: float = 0.3
     # The update rule of the prompts and factors: adamw (torch's AdamW); sgd (plain gradient
     # steps: for SVGD the particles then move along φ itself, whose fixed point is the
@@ -152,18 +171,27 @@ class TrainConfig:
     fused_adamw: bool = False
     # Learning rate of the low-rank factors; default: train.lr.
     factor_lr: Optional[float] = None
+    # AdamW's decoupled weight decay on the trainable tensors (train.optimizer=adamw only).
     weight_decay: float = 0.0
+    # LR schedule after the warm-up: constant, linear decay to 0, or cosine decay to 0.
     schedule: Literal["constant", "linear", "cosine"] = "linear"
+    # Steps of linear LR warm-up from 0.
     warmup_steps: int = 0
+    # Clip the trainable tensors' joint gradient norm to this; 0 switches clipping off.
     max_grad_norm: float = 1.0
+    # Steps between log lines and TensorBoard training scalars.
     log_every: int = 10
+    # Steps between dev evaluations (and at the end); 0: no evaluation.
     eval_every: int = 50
     # Also evaluate before the first step (the starting prompt's accuracy, logged at step 0).
     eval_at_start: bool = False
     # Stop after this many evaluations without improvement of the mean eval metric; 0 = never.
     patience: int = 0
+    # Examples per rank in one evaluation forward pass.
     eval_batch_size: int = 64
+    # Steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT); 0: no periodic ones.
     save_every: int = 100
+    # The newest this many checkpoints are kept.
     keep_checkpoints: int = 2
     # A step whose loss, gradient or SVGD direction is NaN or Inf is skipped (the prompts do not
     # move) and counted; after this many in a row training stops, keeping the checkpoints.
@@ -198,7 +226,7 @@ class DeepSpeedSection:
 
 @dataclass
 class SVGDConfig:
-    """Stage bmtpt-source: SVGD over the M particles of the base prompt (algorithms.md §4)."""
+    """Stage bmtpt-source: SVGD over the M particles of the base prompt (docs/algorithms.md §4)."""
 
     # Bandwidth h of the kernel k(x, y) = exp(-||x - y||² / h) over flattened prompts;
     # null: the median heuristic, recomputed every step.
@@ -230,12 +258,14 @@ class SVGDConfig:
 @dataclass
 class PriorConfig:
     """Stage target: -β · log p̂(S) added to the target loss, p̂ fitted to a BMTPT source's
-    particles (algorithms.md §5). The prior acts on the full-rank prompt S, the quantity the
+    particles (docs/algorithms.md §5). The prior acts on the full-rank prompt S, the quantity the
     source posterior is over, not on S ∘ (U V): the factors stay a free task-specific
     modulation. The scale of log p̂ differs by kind: the KDE with the median bandwidth is broad
     (its kernel variance per coordinate is h/2), a diagonal Gaussian is sharp; compare
     prior/grad_norm with prior/loss_grad_norm in TensorBoard when choosing β."""
 
+    # The prior's form: kde (the particles' kernel density, prior.bandwidth), or a Gaussian
+    # fitted to the particles, isotropic or diagonal.
     kind: Literal["kde", "gaussian-isotropic", "gaussian-diagonal"] = "kde"
     # The prior's weight in natural units: the objective is N · L̄ - beta · log p̂(S), L̄ the
     # mean loss per target token and N the target tokens of the training set (N · L̄ estimates
@@ -254,7 +284,7 @@ class PriorConfig:
 
 @dataclass
 class DistillConfig:
-    """Stage mpt-distill (algorithms.md §3): the student S ∘ (U_k V_k) learns from teacher k.
+    """Stage mpt-distill (docs/algorithms.md §3): the student S ∘ (U_k V_k) learns from teacher k.
 
     loss = L_PLM + weight · (L_logits + L_hidden) at each target position of task k's examples,
     averaged over the global batch's target tokens (the per-token convention of every stage but
@@ -283,7 +313,9 @@ class DistillConfig:
 @dataclass
 class RunConfig:
     stage: str = "pt"  # a name in bpt_ds.stages.STAGES (checked by build_config)
+    # Seeds the prompt's start, the data order, dropout, few-shot draws and synthetic data.
     seed: int = 42
+    # Where the run writes its outputs and checkpoints (README, Outputs).
     output_dir: str = "runs/default"
     # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
     method: Optional[str] = None
@@ -331,6 +363,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                raise ConfigError(f"config key '{key}' expects {_type_name(tp)}; got {value!r}: write a list, "
+                                  f"{key}=[{value}] (several: {key}=[{value},...])")
             raise bad
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -6,6 +6,7 @@ evaluation and checkpoints share.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -289,6 +290,15 @@ class DeepSpeedModel:
         self.ds.destroy()
 
 
+class _DropUntestedOptimizerWarning(logging.Filter):
+    """DeepSpeed warns of every optimizer it did not write ("untested optimizer") on every run;
+    ours are torch's AdamW and SGD with a skip check, and Liu & Wang's step, all tested here
+    (tests/test_optimizers.py), so the line tells the user nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
 def initialize(cfg: RunConfig, model: "PromptedT5", ds_config: dict) -> DeepSpeedModel:
     """deepspeed.initialize of the prompted model: the optimizer (train.optimizer) over the prompt bank (particles at
     train.lr, factors at train.factor_lr), the LR schedule over this run's train.steps (a resume
@@ -306,6 +316,9 @@ def initialize(cfg: RunConfig, model: "PromptedT5", ds_config: dict) -> DeepSpee
         optimizer = SkippableAdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
                                    fused=True if t.fused_adamw else None)
     factor = lr_lambda(t.schedule, t.warmup_steps, t.steps)
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropUntestedOptimizerWarning) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropUntestedOptimizerWarning())
     ds, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))

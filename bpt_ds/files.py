@@ -19,19 +19,30 @@ from .report import line
 DONE_FILE = "done.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The mode a plain open() gives a new file here: writers that make private temporary files
+# (safetensors' save_file writes 0600) would otherwise leave outputs a group cannot read.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes through a temporary sibling, then renames: readers see old or new, never half."""
+    """Writes through a temporary sibling, then renames: readers see old or new, never half.
+    The file gets the mode the umask gives new files (FILE_MODE), whatever `write` made it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     write(tmp)
+    os.chmod(tmp, FILE_MODE)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)  # the bytes reach the disk before the name does
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
 
 
 def _existing(path: Path) -> Path:

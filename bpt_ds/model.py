@@ -134,7 +134,7 @@ class _TeacherMode:
 
 class DistilledT5(PromptedT5):
     """Stage mpt-distill: the student prompt S ∘ (U_k V_k) learns from task k's frozen teacher
-    prompt on the same frozen backbone (algorithms.md §3).
+    prompt on the same frozen backbone (docs/algorithms.md §3).
 
     Each step runs the teacher rows first, under no_grad and in evaluation mode (no activations
     kept, no dropout, no second copy of the backbone: the same module runs twice), then the

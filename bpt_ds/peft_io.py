@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from .backbone import resolve_model_path
+from .files import atomic_write
 from .prompts import TASKS_FILE, PeftIOError, import_peft, load_prompts_file  # noqa: F401  (import_peft: this CLI's)
 
 def _factor_tasks(tensors: dict) -> list[str]:
@@ -48,17 +49,23 @@ def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, par
 
     src = Path(source)
     tensors = load_prompts_file(source, key="export source")
-    run = _run_config(src if src.is_dir() else src.parent)
+    run_dir = src if src.is_dir() else src.parent
+    run = _run_config(run_dir)
     if base_model is None:
-        base_model = _run_base_model(run)
+        base_model = _run_base_model(run, run_dir)
     particles = tensors["particles"]
     m, length, dim = particles.shape
     if particle is not None:
         if not 0 <= particle < m:
             raise PeftIOError(f"{source} holds {m} particles; --particle must be in 0..{m - 1}")
-        shared = particles[particle]
+        shared, exported = particles[particle], f"particle {particle} of {m}"
+    elif m > 1 and run.get("stage") == "mpt-teachers":
+        raise PeftIOError(f"{source} holds one teacher prompt per task (stage mpt-teachers), whose mean is no "
+                          f"prompt of any task: export one with --particle K (0..{m - 1})")
     else:
-        shared = particles.mean(0)  # one particle: itself; several: their mean (the BMTPT aggregate)
+        # One particle: itself; several: their mean (the BMTPT aggregate), which the summary says.
+        shared, exported = particles.mean(0), (f"the mean of {m} particles (--particle K exports one)" if m > 1
+                                               else "the prompt")
     names = tasks or _task_order(run, _factor_tasks(tensors))
     common = dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=length, token_dim=dim,
                   num_transformer_submodules=1, base_model_name_or_path=base_model)
@@ -74,9 +81,10 @@ def export_peft(source: str, out_dir: str, base_model: Optional[str] = None, par
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    save_file(weights, str(out / "adapter_model.safetensors"))
-    (out / TASKS_FILE).write_text(json.dumps(names) + "\n")
-    return {"type": type(config).__name__, "tasks": names, "shape": [length, dim], "particles": m}
+    atomic_write(out / "adapter_model.safetensors", lambda f: save_file(weights, str(f)))
+    atomic_write(out / TASKS_FILE, lambda f: f.write_text(json.dumps(names) + "\n"))
+    return {"type": type(config).__name__, "tasks": names, "shape": [length, dim], "particles": m,
+            "exported": exported, "base_model": base_model}
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -89,11 +97,18 @@ def _run_config(run_dir: Path) -> dict:
     return yaml.safe_load(cfg.read_text()) or {}
 
 
-def _run_base_model(run: dict) -> Optional[str]:
-    """The backbone a run used, as a path or hub name peft can record."""
+def _run_base_model(run: dict, run_dir: Path) -> Optional[str]:
+    """The backbone a run used, as a path or hub name peft can record: the directory the run
+    itself loaded (done.json's `backbone`) for names it resolved ("tiny", "random:..."), so the
+    adapter names the model it was trained on, not what this environment resolves today."""
     name = run.get("model", {}).get("name_or_path")
-    if name == "tiny":
-        return str(resolve_model_path("tiny", progress=False))
+    done = run_dir / "done.json"
+    if done.is_file():
+        loaded = json.loads(done.read_text()).get("backbone")
+        if loaded:
+            return loaded
+    if name == "tiny" or (name or "").startswith("random:"):
+        return str(resolve_model_path(name, progress=False))
     return name
 
 
@@ -122,13 +137,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "export":
             info = export_peft(args.source, args.adapter_dir, args.base_model, args.particle)
             tasks = ", ".join(f"{i}: {t}" for i, t in enumerate(info["tasks"])) or "none (one prompt)"
-            print(f"wrote {info['type']} adapter [{info['shape'][0]} x {info['shape'][1]}] to {args.adapter_dir}; "
-                  f"peft task_ids: {tasks}")
+            print(f"wrote {info['type']} adapter [{info['shape'][0]} x {info['shape'][1]}] to {args.adapter_dir}: "
+                  f"{info['exported']}; base model {info['base_model']}; peft task_ids: {tasks}")
         else:
             from safetensors.torch import save_file
 
             tensors = import_peft(args.adapter_dir)
-            save_file(tensors, args.output)
+            atomic_write(Path(args.output), lambda f: save_file(tensors, str(f)))
             print(f"wrote {args.output}: {', '.join(f'{k} {list(v.shape)}' for k, v in tensors.items())}")
     except (PeftIOError, FileNotFoundError) as e:
         print(f"bpt_ds.peft_io: error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@
         --particles 4 [--write ds_config.plan.json]
 
 prints the per-GPU memory of each way to hold the frozen backbone, with and without
-activation checkpointing, picks the fastest that fits and writes its DeepSpeed config. The
+activation checkpointing, picks the fastest that fits and, with --write, writes its DeepSpeed config. The
 trainer calls `check_run` at start-up and refuses a run that this estimate says cannot fit.
 
 What is counted, per GPU (bytes; N_f frozen backbone weights, N_t trainable values, G GPUs,
@@ -567,9 +567,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "h x S x S scores of every block); default sdpa")
     ap.add_argument("--reserve", type=float, default=2.0,
                     help="GiB per GPU kept for the CUDA context, NCCL and allocator slack (default 2)")
-    ap.add_argument("--write", default="ds_config.plan.json",
-                    help="where to write the chosen setup's DeepSpeed config (default ds_config.plan.json; "
-                         "'-' to skip)")
+    ap.add_argument("--write", default=None, metavar="FILE",
+                    help="also write the chosen setup's DeepSpeed config to FILE (e.g. ds_config.plan.json); "
+                         "without it nothing is written")
     ap.add_argument("--json", action="store_true", help="print the estimates as JSON instead of a table")
     args = ap.parse_args(argv)
     try:
@@ -607,8 +607,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     if not args.json:
         print(f"fastest that fits: {DESCRIPTION[fit.setup.name]}, activation checkpointing "
-              f"{'on' if fit.setup.checkpointing else 'off'}")
-    if args.write != "-":
+              f"{'on' if fit.setup.checkpointing else 'off'}"
+              + ("" if args.write not in (None, "-") else "; --write FILE saves its DeepSpeed config"))
+    if args.write not in (None, "-"):
         Path(args.write).write_text(json.dumps(ds_config_for(fit.setup), indent=2) + "\n")
         if not args.json:
             print(f"wrote {args.write}; train with: deepspeed.config={args.write} model.gradient_checkpointing="

@@ -1,6 +1,6 @@
 """The prompt bank: the only trainable tensors of a run (plain torch, no DeepSpeed).
 
-prompt(task t, particle m) = S_m ∘ (U_t V_t)   (algorithms.md §1)
+prompt(task t, particle m) = S_m ∘ (U_t V_t)   (docs/algorithms.md §1)
 
 S holds M particles of shape [l, d]; U_t [l, r] and V_t [r, d] are optional per-task
 low-rank factors. With factors off the prompt is S_m itself.

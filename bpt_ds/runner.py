@@ -101,7 +101,7 @@ class Runner:
         self.resume_tag = (pick_checkpoint(checkpoint_dir(cfg), check=lambda saved: check_same_config(cfg, saved))
                            if cfg.train.resume == "auto" else None)
 
-        model_path = resolve_model_path(cfg.model.name_or_path, progress=report.is_main)
+        self.backbone_path = model_path = resolve_model_path(cfg.model.name_or_path, progress=report.is_main)
         # A run that cannot fit in device memory is refused before the weights load.
         fit = check_memory(cfg, ds_config, model_path, self.placement.mode)
         if fit is not None:
@@ -333,6 +333,7 @@ class Runner:
             # Last: a pipeline skips this stage on a rerun only when this marker matches its config
             # and its input files.
             done = {"step": state.step, "stopped": state.stopped, "train_examples": self.data.train_examples,
+                    "backbone": str(self.backbone_path),
                     "fingerprint": config_fingerprint(self.cfg),
                     "inputs": type(self.stage).input_digests(self.cfg), "config": to_dict(self.cfg)}
             self.write(self.out / DONE_FILE, lambda f: f.write_text(json.dumps(done, indent=2) + "\n"))

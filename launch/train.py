@@ -34,11 +34,16 @@ def record_exit_code(code: int) -> None:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from bpt_ds.config_keys import render
+
+    parser = argparse.ArgumentParser(description=__doc__, epilog=render(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config or pipeline (see configs/); default: the embedded "
                                           "tiny CPU run")
     parser.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3: one run (or pipeline) per seed in "
                                          "<output_dir>/seed<N>, then a mean ± std table of them")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved config of every run the command would start (YAML) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=300")
     args = parser.parse_args(argv)
@@ -63,6 +68,9 @@ def _main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         # Every run of every seed is built and checked before the first one starts.
         batches = [load_runs(args.config, args.overrides, seed) for seed in seeds]
+        if args.show_config:
+            show_config(batches, say)
+            return 0
         for seed, runs in zip(seeds, batches):
             if seed is not None:
                 say(f"[bpt_ds] seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
@@ -113,6 +121,16 @@ def report_lost_ranks(e: Exception) -> None:
           "bpt_ds: a rank that dies or hangs ends the job after deepspeed.timeout_minutes; look above for "
           "that rank's own error, then rerun the same command: it resumes from the newest checkpoint "
           "(train.resume=auto).", file=sys.stderr, flush=True)
+
+
+def show_config(batches, say) -> None:
+    """The YAML of every run a command would start, in order, each under a comment naming it."""
+    from bpt_ds.config import to_yaml
+
+    for runs in batches:
+        for name, cfg in runs:
+            say(f"# run '{name}': stage {cfg.stage}, output_dir {cfg.output_dir}")
+            say(to_yaml(cfg).rstrip() + "\n")
 
 
 def parse_seeds(text: str | None) -> list:

@@ -40,7 +40,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.steps=0", "config key 'train.steps' must be >= 1; got 0"),
     ("data.tasks=[nope]", "unknown task 'nope' in data.tasks. Suite tasks: mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
                           "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq, scitail, paws, winogrande, yelp_polarity; "
-                          "synthetic tasks: mood, polarity, sentiment, topic; for your own files define "
+                          "synthetic tasks: contrary, mood, polarity, sentiment, topic; for your own files define "
                           "data.local.nope.train / .validation"),
     ("train.micro_batch_size=6", "train.global_batch_size (32) must be a multiple of train.micro_batch_size (6)"),
     ("train.lr=.inf", "config key 'train.lr' must be a finite number > 0; got inf"),

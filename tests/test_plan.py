@@ -154,6 +154,14 @@ def test_cli_picks_the_fastest_setup_that_fits_and_writes_its_ds_config(tmp_path
     assert "  63.71  does not fit (host)" in proc.stdout
 
 
+def test_a_question_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Asked only what fits, the planner writes no file (here: into the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    assert plan.main(["--model", "t5-base", "--gpus", "2"]) == 0
+    assert "; --write FILE saves its DeepSpeed config" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scale_configs_name_the_setup_the_planner_picks_for_their_hardware():
     from bpt_ds.runs import load_runs
 

@@ -5,7 +5,7 @@ same columns), how a row becomes text to text (the task name and field names are
 the input: "rte sentence1: ... sentence2: ..."), the verbalized labels, how the splits are made
 and which metrics score it. Adding a task is one `TaskSpec(...)` line in `_TASKS`.
 
-Splits (algorithms.md §6), deterministic given data.split_seed:
+Splits (docs/algorithms.md §6), deterministic given data.split_seed:
 - "halve-validation" (datasets under 10k training examples): the shuffled validation set is cut
   in half, the first half dev and the second test (MultiRC: whole questions go to one half).
 - "holdout-train" (larger ones): 1,000 shuffled training examples are the dev set, the rest
@@ -277,4 +277,13 @@ def describe() -> str:
 
 
 if __name__ == "__main__":
+    from ..tiny import TINY_RECIPE
+    from .synthetic import SYNTHETIC_TASKS
+
     print(describe())
+    print("\nsynthetic tasks (generated here, for the tiny backbone; data.synthetic_train_examples, "
+          "data.synthetic_eval_examples):")
+    for task in SYNTHETIC_TASKS.values():
+        role = "pre-trained by the tiny backbone" if task.name in TINY_RECIPE["tasks"] else (
+            "held out (the transfer target)" if not task.pretrain else "pre-trained by bench/transfer_power.py's backbone")
+        print(f"{task.name:<10} labels {', '.join(task.labels):<34} {role}")

@@ -1,4 +1,4 @@
-"""BMTPT's source stage (algorithms.md §4): the posterior over the source prompt S by SVGD.
+"""BMTPT's source stage (docs/algorithms.md §4): the posterior over the source prompt S by SVGD.
 
 M particles of the base prompt S move along SVGD's direction for
     log p(θ | D) = log N(θ; 0, σ₀² I) [svgd.prior_std] - scale · L(θ; B) [svgd.likelihood_scale]

@@ -1,4 +1,4 @@
-"""MPT's distillation (algorithms.md §3): a shared S and per-task U_k [l, r], V_k [r, d]
+"""MPT's distillation (docs/algorithms.md §3): a shared S and per-task U_k [l, r], V_k [r, d]
 (prompt.factors.rank, default 1) distilled from the teachers of an mpt-teachers run; the `target`
 stage then adapts the shared prompt.
 

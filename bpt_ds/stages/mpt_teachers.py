@@ -1,4 +1,4 @@
-"""MPT's teachers (algorithms.md §3): one prompt per source task by vanilla prompt tuning, all K
+"""MPT's teachers (docs/algorithms.md §3): one prompt per source task by vanilla prompt tuning, all K
 in one run as K particles.
 
 Particle k is task k's teacher and owns block k of the global batch, drawn from task k

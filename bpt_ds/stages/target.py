@@ -1,4 +1,4 @@
-"""The target stage (algorithms.md §5): prompt tuning on the target task(s), starting from an
+"""The target stage (docs/algorithms.md §5): prompt tuning on the target task(s), starting from an
 earlier run's prompt file (the mean of a BMTPT posterior, one chosen particle, MPT's shared
 prompt, or any one prompt), with optional low-rank factors on top (prompt.factors.rank,
 train.factor_lr) and an optional prior p̂(S) fitted to the source particles (prior.kind,
