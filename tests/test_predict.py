@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,14 @@ def reference_scores(backbone_path: Path, particles: torch.Tensor, texts: list[s
     return torch.logsumexp(torch.stack(per_particle), dim=0) - math.log(len(particles))
 
 
+def predict_cli(*args: str, cache: Path):
+    """python -m bpt_ds.predict in its own process (a job of one: predicting in this process would
+    leave its RANK and MASTER_PORT to the subprocesses of later tests)."""
+    env = dict(os.environ, BPT_DS_CACHE=str(cache), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bpt_ds.predict", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -71,11 +82,13 @@ def no_backbone(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [1, 3])
-def test_predictions_match_a_hand_computed_posterior_predictive(tmp_path, tiny_backbone_path, m, capsys):
+def test_predictions_match_a_hand_computed_posterior_predictive(tmp_path, tiny_backbone_path, m):
     particles = torch.randn(m, 4, 128, generator=torch.Generator().manual_seed(m)) * 0.5
     run = fake_run(tmp_path / "run", particles)
     out = tmp_path / "preds.jsonl"
-    assert predict_mod.main(["--prompts", str(run), "--output", str(out), "train.eval_batch_size=5"]) == 0
+    proc = predict_cli("--prompts", str(run), "--output", str(out), "train.eval_batch_size=5",
+                       cache=tiny_backbone_path.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(out)
     expected = make_examples("polarity", 37, 7, "test")  # the run's seed and its synthetic test split
     assert [r["index"] for r in rows] == list(range(37))
@@ -90,8 +103,7 @@ def test_predictions_match_a_hand_computed_posterior_predictive(tmp_path, tiny_b
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())["metrics"]
     assert metrics["examples"] == 37
     assert metrics["accuracy"] == pytest.approx(sum(r["prediction"] == r["target"] for r in rows) / 37)
-    said = capsys.readouterr().out
-    assert (f"posterior predictive over {m} particles" if m > 1 else "(the prompt)") in said
+    assert (f"posterior predictive over {m} particles" if m > 1 else "(the prompt)") in proc.stdout
 
 
 def test_a_file_of_your_own_with_and_without_targets(tmp_path, tiny_backbone_path):
@@ -101,8 +113,9 @@ def test_a_file_of_your_own_with_and_without_targets(tmp_path, tiny_backbone_pat
     with_targets, without = tmp_path / "labelled.csv", tmp_path / "unlabelled.jsonl"
     with_targets.write_text("input,target\n" + "".join(f"{r['input']},{r['target']}\n" for r in rows))
     without.write_text("".join(json.dumps({"input": r["input"]}) + "\n" for r in rows))
-    assert predict_mod.main(["--prompts", str(run), "--input", str(with_targets)]) == 0
-    assert predict_mod.main(["--prompts", str(run), "--input", str(without), "--task", "polarity"]) == 0
+    cache = tiny_backbone_path.parent
+    assert predict_cli("--prompts", str(run), "--input", str(with_targets), cache=cache).returncode == 0
+    assert predict_cli("--prompts", str(run), "--input", str(without), "--task", "polarity", cache=cache).returncode == 0
     a = read_jsonl(run / "predictions" / "polarity-labelled.jsonl")
     b = read_jsonl(run / "predictions" / "polarity-unlabelled.jsonl")
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b]

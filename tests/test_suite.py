@@ -213,7 +213,7 @@ def test_bad_files_and_rows_name_the_file_row_and_fix(tmp_path, suite):
     ("data.hub.boolq=a:b:c", "data.hub.boolq: expected 'owner/name' or 'owner/name:config'; got 'a:b:c'"),
     ("data.datasets_dir=/nonexistent", "data.datasets_dir: directory '/nonexistent' does not exist"),
     ("data.tasks=[rtee]", "unknown task 'rtee' in data.tasks. Suite tasks: mnli, qqp, qnli, sst2, stsb, mrpc, rte, "
-     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq, scitail, paws, winogrande, yelp_polarity; synthetic tasks: mood, "
+     "cola, boolq, cb, wic, wsc, multirc, record, squad, newsqa, searchqa, hotpotqa, nq, scitail, paws, winogrande, yelp_polarity; synthetic tasks: contrary, mood, "
      "polarity, sentiment, topic; for your own files define data.local.rtee.train / .validation"),
 ])
 def test_config_errors_before_any_loading(override, message):

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
+from .synthetic import BENCH_ONLY, SYNTHETIC_TASKS
+
 DEV_HOLDOUT = 1000
 STSB_LABELS = tuple(f"{i / 5:.1f}" for i in range(26))
 
@@ -277,13 +279,10 @@ def describe() -> str:
 
 
 if __name__ == "__main__":
-    from ..tiny import TINY_RECIPE
-    from .synthetic import SYNTHETIC_TASKS
-
     print(describe())
     print("\nsynthetic tasks (generated here, for the tiny backbone; data.synthetic_train_examples, "
           "data.synthetic_eval_examples):")
     for task in SYNTHETIC_TASKS.values():
-        role = "pre-trained by the tiny backbone" if task.name in TINY_RECIPE["tasks"] else (
-            "held out (the transfer target)" if not task.pretrain else "pre-trained by bench/transfer_power.py's backbone")
+        role = ("pre-trained by bench/transfer_power.py's backbone only" if task.name in BENCH_ONLY else
+                "a pre-training task of the tiny backbone" if task.pretrain else "held out (the transfer target)")
         print(f"{task.name:<10} labels {', '.join(task.labels):<34} {role}")

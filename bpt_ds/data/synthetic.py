@@ -148,6 +148,9 @@ def with_prefix(task: str, text: str) -> str:
     return f"{task}: {text}"
 
 
+# Pre-trained by the transfer benchmark's backbone only, not by TINY_RECIPE.
+BENCH_ONLY = ("contrary",)
+
 # The tasks whose lines train the tokenizer: fixed, so that a task added later (contrary) leaves
 # every recipe's vocabulary as it was. A new task's words must be words of these tasks (its
 # prefix is spelled from pieces, which character_coverage 1.0 guarantees).
