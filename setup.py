@@ -26,13 +26,13 @@ setup(
         # Metrics (F1, Matthews, Pearson/Spearman) of the task suite.
         "scikit-learn>=1.3",
         "scipy>=1.10",
+        # python -m bpt_ds.results --plot, and the benchmarks' pictures.
+        "matplotlib>=3.7",
     ],
     extras_require={
         # Hugging Face peft: export / import of prompt adapters (python -m bpt_ds.peft_io). Tested: 0.21.
         "peft": ["peft>=0.13"],
-        # bench/scaling.py's plot.
-        "bench": ["matplotlib>=3.7"],
         # hypothesis: property-based tests of bad input (tests/test_properties.py).
-        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "peft>=0.13", "hypothesis>=6.100"],
     },
 )

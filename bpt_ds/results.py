@@ -1,10 +1,13 @@
 """Results tables: runs' metrics.json collected into methods x tasks, mean ± std over seeds.
 
     python -m bpt_ds.results runs/ [more runs or metrics.json files] [--split test|dev]
-                             [--format markdown|csv] [--metrics score|all] [--output FILE]
+                             [--format markdown|csv] [--metrics score|all] [--output FILE] [--plot PNG]
 
 Every metrics.json under the given paths is one (method, seed) run; its method is the config's
-`method` (default: the stage), with "k=<k>" added for few-shot runs. A cell is the mean ± sample
+`method` (default: the stage), with "k=<k>" added for few-shot runs. Runs that would share a
+cell (the same method, seed and task, e.g. two pt runs of another lr) become rows of their
+own, each labelled with its directory (`pt (lr-0.1)`, `pt (lr-0.3)`); seedN directories
+stay together in one row. A cell is the mean ± sample
 standard deviation over seeds, x100, of the task's score (the mean of its metrics, e.g. MRPC's F1
 and accuracy) or, with --metrics all, of every metric. The test split at the best dev step is
 the default (the papers' protocol); Avg is each seed's mean over the method's tasks, then
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -42,22 +47,58 @@ def find_metrics(paths: list[str]) -> list[Path]:
     return files
 
 
+def _read(f: Path, split: str) -> tuple[str, int, dict]:
+    try:
+        run = json.loads(f.read_text())
+        method, seed, few_shot = run["method"], run["seed"], run.get("few_shot", 0)
+        tasks = run["selected"].get(split) or {}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ResultsError(f"{f}: not a bpt_ds metrics.json ({type(e).__name__}: {e})") from None
+    return (f"{method} k={few_shot}" if few_shot else method), seed, tasks
+
+
+def _group(f: Path, root: Path) -> str:
+    """A run's directory relative to the collection's root, without seedN parts (seeds of one
+    configuration share a row)."""
+    parts = [p for p in f.parent.resolve().relative_to(root).parts if not (p.startswith("seed") and p[4:].isdigit())]
+    return "/".join(parts) or "."
+
+
+def labels(files: list[Path], split: str = "test") -> dict[Path, str]:
+    """Each run's row label: its method, or, where runs of one method would share a cell (same
+    seed and task), its method and its directory, so that both are shown rather than refused."""
+    read = {f: _read(f, split) for f in files}
+    clashing = set()
+    seen: dict[tuple, Path] = {}
+    for f, (label, seed, tasks) in read.items():
+        for task in tasks:
+            key = (label, seed, task)
+            if key in seen and _group(seen[key], Path("/")) != _group(f, Path("/")):
+                clashing.add(label)
+            seen.setdefault(key, f)
+    out = {}
+    for label in dict.fromkeys(lab for lab, _, _ in read.values()):
+        mine = [f for f, (lab, _, _) in read.items() if lab == label]
+        if label not in clashing:
+            out.update({f: label for f in mine})
+            continue
+        root = Path(os.path.commonpath([str(f.parent.resolve()) for f in mine]))
+        out.update({f: f"{label} ({_group(f, root)})" for f in mine})
+    return out
+
+
 def collect(files: list[Path], split: str = "test", which: str = "score") -> dict:
     """{method: {column: {seed: value}}} with columns "task" (score) or "task metric" (all)."""
     table: dict[str, dict[str, dict[int, float]]] = {}
     seen: dict[tuple, Path] = {}
+    names_of = labels(files, split)
     for f in files:
-        try:
-            run = json.loads(f.read_text())
-            method, seed, few_shot = run["method"], run["seed"], run.get("few_shot", 0)
-            tasks = run["selected"].get(split) or {}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ResultsError(f"{f}: not a bpt_ds metrics.json ({type(e).__name__}: {e})") from None
-        label = f"{method} k={few_shot}" if few_shot else method
+        _, seed, tasks = _read(f, split)
+        label = names_of[f]
         row = table.setdefault(label, {})
         for task, values in tasks.items():
-            # One cell per method, task and seed: runs of one task each (the papers' layout) fill a
-            # row side by side; two runs scoring the same task with the same method and seed clash.
+            # One cell per row, task and seed: runs of one task each (the papers' layout) fill a
+            # row side by side; two runs of one directory scoring the same task and seed clash.
             key = (label, seed, task)
             if key in seen:
                 raise ResultsError(f"{f} and {seen[key]} both score task '{task}' as method '{label}' with seed "
@@ -131,6 +172,68 @@ def render(paths: list[str], split: str = "test", fmt: str = "markdown", which: 
     return markdown(table) if fmt == "markdown" else csv_text(table)
 
 
+def curves(files: list[Path], split: str = "dev") -> dict[str, dict[str, dict[int, list[float]]]]:
+    """{row label: {task: {step: [one value per run]}}}: each run's <split>/<task>/score scalars,
+    read from its TensorBoard log (tb/ beside its metrics.json) with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for f, label in labels(files).items():
+        tb = f.parent / "tb"
+        if not tb.is_dir():
+            raise ResultsError(f"{f}: no TensorBoard log beside it ({tb}) to draw its curve from")
+        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            parts = tag.split("/")
+            if len(parts) == 3 and parts[0] == split and parts[2] == "score":
+                series = out.setdefault(label, {}).setdefault(parts[1], {})
+                for event in acc.Scalars(tag):
+                    series.setdefault(event.step, []).append(event.value)
+    if not out:
+        raise ResultsError(f"the runs' TensorBoard logs hold no {split}/<task>/score scalars (train.eval_every=0?)")
+    return out
+
+
+def plot(files: list[Path], path: str, split: str = "dev") -> str:
+    """A PNG of the runs' <split> score curves: one panel per task, one line per row label (the
+    mean over its seeds, x100) with a band of ± one standard deviation where it has several."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ResultsError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = curves(files, split)
+    tasks = _order({t for by_task in data.values() for t in by_task})
+    cols = min(3, len(tasks))
+    rows_ = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4 * rows_), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for label, by_task in data.items():
+            if task not in by_task:
+                continue
+            steps = sorted(by_task[task])
+            mean = [100 * statistics.fmean(by_task[task][s]) for s in steps]
+            sd = [100 * statistics.stdev(by_task[task][s]) if len(by_task[task][s]) > 1 else 0.0 for s in steps]
+            runs = max(len(v) for v in by_task[task].values())
+            line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} ({runs} run{'s' * (runs > 1)})")
+            ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{split} score (x100; band: ± 1 sd over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bpt_ds.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", choices=["score", "all"], default="score",
                         help="one column per task (its score) or per task and metric")
     parser.add_argument("--output", help="write the table here instead of printing it")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the runs' dev score curves (mean and spread over "
+                                                      "seeds, one line per row) into this PNG")
     args = parser.parse_args(argv)
     try:
         text = render(args.paths, args.split, args.format, args.metrics)
+        if args.plot:
+            plot(find_metrics(args.paths), args.plot)
     except ResultsError as e:
         print(f"bpt_ds.results: error: {e}", file=sys.stderr)
         return 2
@@ -151,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(text)
     else:
         print(text, end="")
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

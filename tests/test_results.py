@@ -62,14 +62,27 @@ def test_one_run_per_task_fills_one_row(tmp_path):
                                                     "| bmtpt | 50.0 | 60.0 | 55.0 |"]
 
 
+def test_runs_of_one_method_and_seed_become_rows_labelled_by_their_directory(tmp_path):
+    """Two configurations of one method (here two lrs, two seeds each) are shown side by side, not
+    refused; the seeds of each stay in one row."""
+    for lr, base in [("lr-0.1", 0.5), ("lr-0.3", 0.7)]:
+        for seed in (1, 2):
+            write_run(tmp_path / lr / f"seed{seed}", "pt", seed, {"rte": {"accuracy": base + seed / 10}})
+    write_run(tmp_path / "other" / "seed1", "spot", 1, {"rte": {"accuracy": 0.9}})
+    assert render([str(tmp_path)]).splitlines()[2:] == ["| pt (lr-0.1) | 65.0 ± 7.1 | 65.0 ± 7.1 |",
+                                                        "| pt (lr-0.3) | 85.0 ± 7.1 | 85.0 ± 7.1 |",
+                                                        "| spot | 90.0 | 90.0 |"]
+
+
 def test_errors_name_the_file(tmp_path, capsys):
+    # Two runs that no directory tells apart (a run and one nested in it, both seed 1) still clash.
     write_run(tmp_path / "a", "pt", 1, {"rte": {"accuracy": 0.5}})
-    write_run(tmp_path / "b", "pt", 1, {"rte": {"accuracy": 0.6}})
+    write_run(tmp_path / "a" / "seed1", "pt", 1, {"rte": {"accuracy": 0.6}})
     with pytest.raises(ResultsError) as e:
         render([str(tmp_path)])
-    assert str(e.value) == (f"{tmp_path / 'b' / 'metrics.json'} and {tmp_path / 'a' / 'metrics.json'} both score "
-                            "task 'rte' as method 'pt' with seed 1; give one of them another `method` in its config, "
-                            "or collect them separately")
+    assert str(e.value) == (f"{tmp_path / 'a' / 'seed1' / 'metrics.json'} and {tmp_path / 'a' / 'metrics.json'} both "
+                            "score task 'rte' as method 'pt' with seed 1; give one of them another `method` in its "
+                            "config, or collect them separately")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "metrics.json").write_text('{"polarity": {"accuracy": 1.0}}')
     with pytest.raises(ResultsError, match=r"metrics.json: not a bpt_ds metrics.json \(KeyError"):
@@ -85,3 +98,35 @@ def test_cli_writes_the_table(runs, tmp_path):
     out = tmp_path / "table.md"
     assert main([str(runs / "spot"), "--output", str(out)]) == 0
     assert out.read_text().splitlines()[2] == "| spot | 80.0 ± 7.1 | 80.0 ± 7.1 |"
+
+
+def test_plot_draws_each_rows_mean_dev_curve_over_its_seeds(tmp_path):
+    """The curves come from the runs' own TensorBoard logs (written here with torch's writer, read
+    back with tensorboard's reader); the PNG is drawn from exactly those means."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from bpt_ds.results import curves
+
+    values = {("pt", 1): [0.5, 0.6, 0.7], ("pt", 2): [0.7, 0.8, 0.9], ("spot", 1): [0.8, 0.85, 0.9]}
+    for (method, seed), ys in values.items():
+        run = tmp_path / method / f"seed{seed}"
+        write_run(run, method, seed, {"rte": {"accuracy": ys[-1]}})
+        with SummaryWriter(str(run / "tb")) as w:
+            for step, y in zip((0, 10, 20), ys):
+                w.add_scalar("dev/rte/score", y, step)
+                w.add_scalar("dev/rte/accuracy", y, step)
+                w.add_scalar("test/rte/score", 0.0, step)
+    files = sorted(tmp_path.rglob("metrics.json"))
+    got = curves(files)
+    assert set(got) == {"pt", "spot"}
+    pt = got["pt"]["rte"]
+    assert sorted(pt) == [0, 10, 20]
+    for step, expected in {0: [0.5, 0.7], 10: [0.6, 0.8], 20: [0.7, 0.9]}.items():
+        assert sorted(pt[step]) == pytest.approx(expected)
+    out = tmp_path / "curves.png"
+    assert main([str(tmp_path), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    (tmp_path / "bare").mkdir()
+    write_run(tmp_path / "bare" / "x", "pt", 9, {"rte": {"accuracy": 0.5}})
+    with pytest.raises(ResultsError, match="no TensorBoard log beside it"):
+        curves([tmp_path / "bare" / "x" / "metrics.json"])
