@@ -44,7 +44,7 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
     """Runs (name, config) stages in order.
 
     On a rerun, a stage whose output_dir holds the finished outputs of the same config and the
-    same input files (done.json) is skipped. A stage that finished with another config or other
+    same input files (done.json) is skipped (a command of one run, too: it says so and loads nothing). A stage that finished with another config or other
     inputs starts fresh (train.resume=never: its old checkpoints are set aside), and so does
     every stage that reads the output of a stage that ran in this command, since its input
     may have changed; stages that read none of them are left alone (the paper tables' targets). A stage that never
@@ -62,6 +62,13 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
             raise ConfigError(f"stage '{name}': {e}") from None
     ran: dict[Path, str] = {}  # output directories of the stages this command ran -> their names
     for i, (name, cfg) in enumerate(runs):
+        if len(runs) == 1 and cfg.train.resume == "auto" and finished(cfg) == "done":
+            # Run again as it was: nothing to train, and its outputs already say everything.
+            say(f"[bpt_ds] {cfg.output_dir} already holds this run, finished (done.json: this config and these "
+                f"inputs); nothing to do. Its results: {Path(cfg.output_dir) / 'metrics.json'}. To train again: "
+                "train.resume=never (the old checkpoints are kept aside), or raise train.steps to continue; to "
+                "score its prompt on other data: launch/predict.py")
+            continue
         if len(runs) > 1:
             done = finished(cfg) if cfg.train.resume == "auto" else None
             # A stage that reads the output of a stage that ran here starts fresh: its input changed

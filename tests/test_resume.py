@@ -86,6 +86,15 @@ def test_a_refused_resume_stops_before_the_backbone_and_undoes_nothing(tiny_back
     before = tree_digest(out)
     assert "done.json" in before
 
+    # The same command again: done, said at once; nothing loads, nothing is written (it used to
+    # load the backbone, resume the final checkpoint and evaluate again).
+    again = train(out, *QUICK, "train.steps=2", cache=cache)
+    assert again.returncode == 0
+    assert f"[bpt_ds] {out} already holds this run, finished (done.json: this config and these inputs); " \
+           "nothing to do." in again.stdout
+    assert "[bpt_ds] loading backbone" not in again.stdout and "task polarity" not in again.stdout
+    assert tree_digest(out) == before
+
     refused = train(out, *QUICK, "train.steps=2", "prompt.length=8", "train.lr=0.1", cache=cache)
     assert refused.returncode == 2
     assert (f"bpt_ds: error: the checkpoint in {out / 'checkpoints'} was written with a different config "
