@@ -146,6 +146,19 @@ def mean_score(metrics: dict) -> float:
     return sum(v["score"] for v in metrics.values()) / len(metrics)
 
 
+def hparam_metrics(selected: Optional[dict]) -> dict[str, float]:
+    """The selected (best dev) step's scores as TensorBoard HPARAMS metrics: hparams/dev_score
+    and hparams/test_score (the mean task score best-dev selection compares), and each task's
+    hparams/<split>/<task>."""
+    out: dict[str, float] = {}
+    for split in ("dev", "test"):
+        scores = (selected or {}).get(split) or {}
+        if scores:
+            out[f"hparams/{split}_score"] = mean_score(scores)
+            out.update({f"hparams/{split}/{task}": v["score"] for task, v in scores.items()})
+    return out
+
+
 def select(state: TrainState, dev: dict, test: Callable[[], dict], patience: int) -> tuple[bool, bool]:
     """Records an evaluation at state.step: when its mean dev score beats state.best, the test
     metrics (test(), scored only then: the reported numbers are the test scores at the best dev

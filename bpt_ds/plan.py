@@ -163,6 +163,47 @@ def param_counts(d: T5Dims) -> tuple[int, int]:
     return total, largest
 
 
+def train_step_flops(d: T5Dims, rows: list[tuple[int, int]]) -> float:
+    """Model FLOPs of one training step of prompt tuning a frozen T5 on `rows` of (encoder tokens,
+    prompt included; decoder tokens), PaLM's MFU convention for a frozen backbone:
+    - the weights' matmuls, 2 FLOPs per weight per token they apply to (the cross-attention's
+      keys and values to the encoder's tokens, everything else of the decoder and lm_head to the
+      decoder's), forward, and again backward for the activation gradients only (the weights
+      are frozen), except the first decoder layer's self-attention and cross-attention query,
+      whose inputs need no gradient (tests/test_plan.py checks this part against
+      torch.utils.flop_counter on a real T5);
+    - attention's scores and mixing, 4 · inner · query length · key length per attention layer
+      forward, twice that backward (both operands are activations).
+    Embedding lookups, norms and softmax are not counted."""
+    return weight_flops(d, rows) + attention_flops(d, rows)
+
+
+def weight_flops(d: T5Dims, rows: list[tuple[int, int]]) -> float:
+    """train_step_flops' matmuls with the weights, forward and backward."""
+    proj = d.d_model * d.inner                       # one of q, k, v, o
+    ffn = (3 if d.gated else 2) * d.d_model * d.d_ff
+    total = 0.0
+    for e, t in rows:
+        forward = 2 * (d.num_layers * (4 * proj + ffn) * e
+                       + d.num_decoder_layers * ((6 * proj + ffn) * t + 2 * proj * e) + d.vocab_size * d.d_model * t)
+        total += 2 * forward - (2 * 5 * proj * t if d.num_decoder_layers else 0)
+    return total
+
+
+def attention_flops(d: T5Dims, rows: list[tuple[int, int]]) -> float:
+    """train_step_flops' attention scores and mixing, forward and backward."""
+    return sum(3 * 4 * d.inner * (d.num_layers * e * e + d.num_decoder_layers * (t * t + t * e)) for e, t in rows)
+
+
+# Dense bf16 peak FLOP/s of one accelerator, by a substring of its name (torch.cuda.get_device_name),
+# for MFU; an accelerator not listed gets model FLOP/s only.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
 # ------------------------------------------------------------- model states
 
 

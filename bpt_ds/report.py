@@ -76,6 +76,29 @@ class Reporter:
         if self.writer is not None:
             self.writer.add_embedding(matrix, metadata=metadata, metadata_header=header, tag=tag, global_step=step)
 
+    def hparams(self, config: dict, metrics: dict[str, float], step: int) -> None:
+        """The run's config (flattened to dotted keys) and its selected scores for TensorBoard's
+        HPARAMS tab, which then compares the runs under one --logdir; the scores are also
+        scalars of these names (what the tab reads)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        flat: dict = {}
+
+        def walk(d: dict, prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    flat[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+
+        walk(config, "")
+        for summary in hparams(flat, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()

@@ -35,13 +35,14 @@ from .config import RunConfig, config_fingerprint, steps_for_epochs, to_dict, to
 from .data.run_data import RunData
 from .deepspeed_setup import check_memory, ds_dtype, initialize, resolve_ds_config, schedule_note
 from .errors import ConfigError, LostContact, Preempted, SaveError, TrainingHalted
-from .evaluation import Evaluator, select, what_is_scored
+from .evaluation import Evaluator, hparam_metrics, select, what_is_scored
+from .plan import dims_from_config, param_counts
 from .files import DONE_FILE, atomic_write, check_free_space, check_writable, write_with_retry
 from .prompts import PromptBank, load_prompts_file
 from .report import Reporter
 from .stages.base import Stage
 from .step import SkipReason, Stepper, micro_batches, placement_line
-from .train_log import TrainLog
+from .train_log import TrainLog, flops_counter, job_peak_flops
 
 
 def run_stage(cfg: RunConfig, stage: Stage, stop: Optional[job.StopFlag] = None) -> dict:
@@ -115,7 +116,9 @@ class Runner:
         self.train_tasks, self.eval_tasks, self.test_tasks = data.train_tasks, data.eval_tasks, data.test_tasks
         self.sampler = stage.sampler([len(t.inputs) for t in self.train_tasks],
                                      lambda pair: len(self.train_tasks[pair[0]].inputs[pair[1]]))
-        bank = self._prompt_bank(AutoConfig.from_pretrained(model_path).d_model, init_tensors)
+        backbone_config = AutoConfig.from_pretrained(model_path)
+        self.dims = dims_from_config(backbone_config)
+        bank = self._prompt_bank(backbone_config.d_model, init_tensors)
         stage.read_inputs(bank, data.train_examples, init_tensors,
                           train_tokens=sum(len(y) for task in self.train_tasks for y in task.targets))
         values = bank.size()
@@ -219,6 +222,8 @@ class Runner:
                     f"{self.micro} x accumulation {accum} x ranks {self.world}; "
                     f"trainable parameters: {self.bank_size:,} (prompt bank only)")
         report.info(placement_line(self.placement, bank))
+        report.scalars({"model/trainable_parameters": self.bank_size,
+                        "model/trainable_share": self.bank_size / param_counts(self.dims)[0]}, self.state.step)
 
     # ------------------------------------------------------------------ train
     def batches_at(self, step: int) -> tuple[list, list[dict]]:
@@ -233,7 +238,9 @@ class Runner:
                    dynamic_ncols=True)
         if t.eval_at_start and state.step == 0 and self.eval_tasks:
             self.evaluate()
-        log = TrainLog(self.report, self.train_tasks)
+        log = TrainLog(self.report, self.train_tasks, flops_counter(self.dims, cfg.prompt.length,
+                                                                    self.placement.particles_per_example,
+                                                                    self.train_tasks), job_peak_flops(self.world))
         while state.step < t.steps and not state.stopped:
             picks, micro = self.batches_at(state.step)
             # Dropout draws depend on (seed, step, rank) only, so a resumed run draws what an
@@ -329,6 +336,7 @@ class Runner:
             for rows, metadata, tag, header in self.stage.embeddings(tensors):
                 report.embedding(rows, metadata, tag, state.step, header)
             self.write(self.out / "metrics.json", lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
+            report.hparams(to_dict(self.cfg), hparam_metrics(state.selected), state.step)
             report.flush()
             # Last: a pipeline skips this stage on a rerun only when this marker matches its config
             # and its input files.

@@ -164,6 +164,11 @@ class Placement:
         rows = self.row_particles(r)
         return list(range(self.particles)) if rows is None else sorted(set(rows.tolist()))
 
+    @property
+    def particles_per_example(self) -> int:
+        """How many particles each example of the global batch runs under: all M (every), or its block's one (split)."""
+        return self.particles if self.mode == PlacementMode.EVERY else 1
+
     def row_weight(self, accumulation: int) -> float:
         """R · accumulation: what undoes DeepSpeed's division by the accumulation steps and its
         average over R ranks. train_step divides it by each row's `loss_denominator` (row_weights)."""

@@ -5,21 +5,44 @@ the gradient transform's own scalars, throughput and peak memory.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .distributed import on_gpu
+from .plan import peak_flops, train_step_flops
 from .report import Reporter, peak_memory_mb
 
 
+def flops_counter(dims, prompt_length: int, particles_per_example: int, train_tasks: list) -> Callable[[list], float]:
+    """The model FLOPs of a step on `picks` [(task, example)]: every example runs under
+    particles_per_example particles (M when each particle sees the whole batch, else 1), with
+    the prompt's rows in front of its input (plan.train_step_flops)."""
+    def flops(picks: list) -> float:
+        rows = [(len(train_tasks[k].inputs[i]) + prompt_length, len(train_tasks[k].targets[i])) for k, i in picks]
+        return particles_per_example * train_step_flops(dims, rows)
+    return flops
+
+
+def job_peak_flops(world: int) -> Optional[float]:
+    """The summed bf16 peak FLOP/s of the job's accelerators (MFU's denominator), when known."""
+    if not (on_gpu() and torch.cuda.is_available()):
+        return None
+    peak = peak_flops(torch.cuda.get_device_name())
+    return None if peak is None else peak * world
+
+
 class TrainLog:
-    def __init__(self, report: Reporter, train_tasks: list):
-        self.report, self.train_tasks = report, train_tasks
+    """flops(picks): the model FLOPs of a step on those examples (plan.train_step_flops), for
+    perf/model_tflops_per_s and, with peak (the accelerators' summed peak FLOP/s), perf/mfu."""
+
+    def __init__(self, report: Reporter, train_tasks: list, flops: Optional[Callable[[list], float]] = None,
+                 peak: Optional[float] = None):
+        self.report, self.train_tasks, self.flops_of, self.peak = report, train_tasks, flops, peak
         self.reset()
 
     def reset(self) -> None:
-        self.stats, self.samples, self.tokens = None, 0, 0
+        self.stats, self.samples, self.tokens, self.flops = None, 0, 0, 0.0
         self.start = time.perf_counter()
 
     def add(self, stats) -> None:
@@ -34,6 +57,8 @@ class TrainLog:
         tasks = self.train_tasks
         self.samples += len(picks)
         self.tokens += sum(len(tasks[k].inputs[i]) + len(tasks[k].targets[i]) for k, i in picks)
+        if self.flops_of is not None:
+            self.flops += self.flops_of(picks)
 
     def write(self, step: int, skipped_total: int, model, stepper) -> Optional[float]:
         """Reduces the window over ranks (collective: every rank calls it; every rank agrees on
@@ -55,6 +80,10 @@ class TrainLog:
                 r.scalar("train/grad_norm", norm, s)
             r.scalar("perf/samples_per_s", self.samples / elapsed, s)
             r.scalar("perf/tokens_per_s", self.tokens / elapsed, s)
+            if self.flops:
+                r.scalar("perf/model_tflops_per_s", self.flops / elapsed / 1e12, s)
+                if self.peak:
+                    r.scalar("perf/mfu", self.flops / elapsed / self.peak, s)
             r.scalar("perf/peak_memory_mb", peak_memory_mb(on_gpu()), s)
             if transform is not None:
                 # Share of wall time in the gradient transform: all-gathers of θ and G, SVGD or the prior.

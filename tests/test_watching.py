@@ -1,0 +1,55 @@
+"""What TensorBoard shows of a run, read back with tensorboard's own reader: the HPARAMS tab's
+config and selected scores, the trainable parameters and their share of the backbone, and the
+model FLOP/s."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from bpt_ds import plan
+from jobs import TRAIN, run_ds
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_hparams_scores_trainable_share_and_model_flops(tmp_path, tiny_backbone_path):
+    runs = {}
+    for lr in ("0.3", "0.1"):
+        out = tmp_path / f"lr{lr}"
+        proc = run_ds(1, TRAIN, f"output_dir={out}", f"train.lr={lr}", "train.steps=10", "train.eval_every=5",
+                      "train.log_every=5", "data.max_eval_examples=40", cache=tiny_backbone_path.parent, port=29831)
+        assert proc.returncode == 0
+        acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        acc.Reload()
+        runs[lr] = (out, acc)
+    for lr, (out, acc) in runs.items():
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = start.session_start_info.hparams
+        config = flatten(yaml.safe_load((out / "config.yaml").read_text()))
+        assert hparams["train.lr"].number_value == float(lr) == config["train.lr"]
+        assert hparams["stage"].string_value == "pt" and hparams["data.tasks"].string_value == "['polarity']"
+        assert set(hparams) == set(config)
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert [m.name.tag for m in experiment.metric_infos] == ["hparams/dev_score", "hparams/dev/polarity",
+                                                                 "hparams/test_score", "hparams/test/polarity"]
+        selected = json.loads((out / "metrics.json").read_text())["selected"]
+        assert acc.Scalars("hparams/test_score")[-1].value == pytest.approx(selected["test"]["polarity"]["score"])
+        assert acc.Scalars("hparams/dev/polarity")[-1].value == pytest.approx(selected["dev"]["polarity"]["score"])
+
+        dims = plan.dims_from_config(__import__("transformers").AutoConfig.from_pretrained(tiny_backbone_path))
+        assert acc.Scalars("model/trainable_parameters")[0].value == 16 * 128
+        assert acc.Scalars("model/trainable_share")[0].value == pytest.approx(16 * 128 / plan.param_counts(dims)[0])
+        flops = [e.value for e in acc.Scalars("perf/model_tflops_per_s")]
+        assert len(flops) == 2 and all(v > 0 for v in flops)
+        assert "perf/mfu" not in acc.Tags()["scalars"]  # CPU: no known peak
