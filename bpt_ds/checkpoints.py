@@ -80,8 +80,9 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 
 def checkpoint_bytes_estimate(trainable_values: int) -> int:
     """Bytes of one checkpoint before any was written: 16 per trainable value (weights, Adam's two
-    moments, master copy) and DeepSpeed's per-file overhead."""
-    return 16 * trainable_values + (world_size() + 1) * 2**16 + 2**20
+    moments, master copy) in DeepSpeed's files, 12 more in the rank-independent copy (PORTABLE),
+    and DeepSpeed's per-file overhead."""
+    return 28 * trainable_values + (world_size() + 1) * 2**16 + 2**20
 
 
 
@@ -116,6 +117,11 @@ def _weights_only_engine(config):
 
 
 MANIFEST = "manifest.json"
+# The trainable state in full, independent of the rank count: every trainable tensor's fp32
+# value and optimizer state, the optimizer's scalar state, the LR schedule and the loop's state.
+# A resume on the rank count that wrote a checkpoint loads DeepSpeed's own files (bit for bit);
+# on another rank count it loads this (Checkpointer.load_portable).
+PORTABLE = "trainable_state.pt"
 
 
 def file_digests(directory: Path) -> dict[str, dict]:
@@ -199,10 +205,11 @@ def pick_checkpoint(root: Path, check: Optional[Callable[[Optional[dict]], None]
             if tag is not None and (root / tag / MANIFEST).is_file():
                 manifest = json.loads((root / tag / MANIFEST).read_text())
                 written_by = manifest.get("world_size", world_size())
-                if written_by != world_size():
+                if written_by != world_size() and PORTABLE not in manifest.get("files", {}):
                     choice = [("error", f"checkpoint {root / tag} was written by {written_by} rank(s) and this run "
-                                        f"has {world_size()}: ZeRO keeps optimizer state per rank. Launch "
-                                        f"{written_by} rank(s) to resume, or start over with train.resume=never")]
+                                        f"has {world_size()}, and it predates rank-independent checkpoints (no "
+                                        f"{PORTABLE}): ZeRO kept its optimizer state per rank. Launch {written_by} "
+                                        "rank(s) to resume, or start over with train.resume=never")]
                 elif check is not None:
                     check(manifest.get("config"))
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it, or they hang
@@ -230,6 +237,7 @@ class Checkpointer:
         self.ds, self.root, self.keep, self.trainable_values = ds, Path(root), keep, trainable_values
         self.last_checkpoint_bytes: Optional[int] = None
         self.newest: Optional[str] = None  # the newest checkpoint written or resumed from
+        self.written_by: Optional[int] = None  # the rank count of the checkpoint loaded
         if type(ds.checkpoint_engine) is TorchCheckpointEngine:  # DeepSpeed's default engine
             ds.checkpoint_engine = _weights_only_engine(ds._config)
         elif rank() == 0:
@@ -279,8 +287,10 @@ class Checkpointer:
         barrier()
         self.ds.save_checkpoint(str(root), tag=tmp, client_state=client_state,
                                 save_latest=False, exclude_frozen_parameters=True)
+        portable = self.portable_state(client_state)  # collective: every rank gathers
         barrier()
         if rank() == 0:
+            torch.save(portable, root / tmp / PORTABLE)
             files = file_digests(root / tmp)
             manifest = {"format": 1, "step": step, "world_size": world_size(), "files": files}
             manifest["config"] = fingerprint
@@ -300,10 +310,95 @@ class Checkpointer:
         self.newest = str(root / tag)
         return root / tag
 
+    # ------------------------------------------------------------ rank-independent state
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.ds.module.bank.named_parameters()]
+
+    def _inner_optimizer(self):
+        """The torch optimizer that holds the state (inside DeepSpeed's ZeRO optimizer, if any)."""
+        return getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+
+    def portable_state(self, client_state: dict) -> dict:
+        """PORTABLE's content (collective): each trainable tensor's full fp32 value and full
+        optimizer state per key, gathered from the ZeRO partitions, plus the optimizer's scalar
+        state (e.g. AdamW's step), the LR scheduler's state and the client state."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        inner = self._inner_optimizer()
+        tensor_keys, scalars = set(), {}
+        for state in inner.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    tensor_keys.add(key)
+                elif torch.is_tensor(value) or isinstance(value, (int, float)):
+                    scalars[key] = float(value)
+        values, optim = {}, {}
+        for name, param in self._trainable():
+            full = safe_get_full_fp32_param(param)
+            values[name] = (full if full is not None else param.detach()).float().cpu().clone()
+            for key in sorted(tensor_keys):
+                state = safe_get_full_optimizer_state(param, key)
+                if state is not None:
+                    optim[f"{name}/{key}"] = state.float().cpu().clone()
+        return {"format": 1, "values": values, "optimizer": optim, "optimizer_scalars": scalars,
+                "lr_scheduler": self.ds.lr_scheduler.state_dict(), "client_state": client_state}
+
+    def load_portable(self, tag: str) -> dict:
+        """Restores PORTABLE of checkpoint `tag` on any number of ranks: every rank reads the full
+        state and keeps its partition (the model's copy and the fp32 master of each trainable
+        tensor, its optimizer state), then the scalars and the schedule. Returns the client state."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        saved = torch.load(self.root / tag / PORTABLE, map_location="cpu", weights_only=True)
+        zero3 = self.ds.zero_optimization_stage() == 3
+        # torch optimizers create their state at their first step: create it (for the flat fp32
+        # partitions ZeRO hands them) so that the saved state can be written into it.
+        inner = self._inner_optimizer()
+        keys = sorted({k.rpartition("/")[2] for k in saved["optimizer"]})
+        on_device = bool(inner.defaults.get("fused") or inner.defaults.get("capturable"))
+        # ZeRO-3 hands the optimizer its flat partitions only for the step; ZeRO-1/2 keep them in its groups.
+        flats = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None) or [
+            flat for group in inner.param_groups for flat in group["params"]]
+        for flat in flats:
+            state = inner.state[flat]
+            for key in keys:
+                if not torch.is_tensor(state.get(key)):
+                    state[key] = torch.zeros_like(flat)
+            for key, value in saved["optimizer_scalars"].items():
+                state[key] = torch.tensor(value, dtype=torch.float32, device=flat.device if on_device else "cpu")
+        for name, param in self._trainable():
+            value = saved["values"][name]
+            if tuple(value.shape) != tuple(getattr(param, "ds_shape", param.shape)):
+                raise ConfigError(f"checkpoint {self.root / tag}: {name} has shape {list(value.shape)}, this run's "
+                                  f"is {list(getattr(param, 'ds_shape', param.shape))}; use a new output_dir, or "
+                                  "train.resume=never")
+            device = self.ds.device
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
+                param.data.copy_(value.to(param.device, param.dtype))  # the model's (low-precision) copy
+            safe_set_full_fp32_param(param, value.to(device))
+            for key, state in saved["optimizer"].items():
+                owner, _, which = key.rpartition("/")
+                if owner == name:
+                    safe_set_full_optimizer_state(param, state.to(device), which)
+        self.ds.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        step = int(saved["client_state"]["step"])
+        self.ds.global_steps, self.ds.global_samples = step, step * self.ds.train_batch_size()
+        return saved["client_state"]
+
     def load(self, tag: str) -> tuple[TrainState, dict]:
         """Restores checkpoint `tag` (from pick_checkpoint) into the engine; returns the loop's state
-        and the whole client state (with `config`, `schedule_steps`: None in older checkpoints)."""
+        and the whole client state (with `config`, `schedule_steps`: None in older checkpoints).
+        Written by this many ranks: DeepSpeed's own files; by another number: PORTABLE."""
         root = self.root
+        manifest = root / tag / MANIFEST
+        written_by = json.loads(manifest.read_text()).get("world_size") if manifest.is_file() else None
+        self.written_by = written_by
+        if written_by not in (None, world_size()):
+            client_state = self.load_portable(tag)
+            self.last_checkpoint_bytes = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file())
+            self.newest = str(root / tag)
+            return TrainState.from_dict(client_state), client_state
         try:
             _, client_state = self.ds.load_checkpoint(str(root), tag=tag, load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)

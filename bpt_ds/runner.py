@@ -193,7 +193,10 @@ class Runner:
     def _resume(self, tag: str) -> None:
         self.state, saved = self.checkpointer.load(tag)
         check_same_config(self.cfg, saved.get("config"))
-        self.report.info(f"resumed from step {self.state.step} ({self.checkpointer.newest})")
+        by = self.checkpointer.written_by
+        self.report.info(f"resumed from step {self.state.step} ({self.checkpointer.newest}"
+                         + (f"; written by {by} rank(s), loaded from its rank-independent state" if by not in (None, self.world)
+                            else "") + ")")
         # The LR schedule is this run's (over its train.steps), also for the first resumed step;
         # said when that differs from the one the checkpoint was written under.
         note = schedule_note(self.cfg.train, saved.get("schedule_steps"), self.state.step,

@@ -25,12 +25,15 @@ from bpt_ds.errors import ConfigError
 from jobs import ROOT, TRAIN, ds_env, run_ds, signal_when, stopped_on
 
 
-def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors", world_size: int = 1) -> Path:
+def fake_checkpoint(root: Path, step: int, payload: bytes = b"tensors", world_size: int = 1,
+                    extra: dict | None = None) -> Path:
     """A checkpoint directory as Engine.save_checkpoint leaves it: files plus their manifest."""
     d = root / f"step{step:08d}"
     d.mkdir(parents=True)
     (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 100)
     (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(payload)
+    for name, content in (extra or {}).items():
+        (d / name).write_bytes(content)
     manifest = {"format": 1, "step": step, "world_size": world_size, "files": checkpoints.file_digests(d)}
     (d / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     (root / "latest").write_text(d.name)
@@ -76,7 +79,8 @@ def test_the_newest_intact_checkpoint_is_chosen_and_damaged_ones_are_set_aside(t
         "damaged-step00000003", "damaged-step00000006", "damaged-step00000012", "damaged-step00000018"]
 
 
-def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks(tmp_path, capsys):
+def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks_only_without_the_portable_state(
+        tmp_path, capsys):
     """pick_checkpoint, which setup calls before the backbone loads (here as a job of one)."""
     root = tmp_path / "checkpoints"
     assert checkpoints.pick_checkpoint(root) is None
@@ -96,9 +100,12 @@ def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks(tmp_pat
     fake_checkpoint(root, 18, world_size=2)
     with pytest.raises(checkpoints.CheckpointError) as e:
         checkpoints.pick_checkpoint(root)
-    assert str(e.value) == (f"checkpoint {root / 'step00000018'} was written by 2 rank(s) and this run has 1: ZeRO "
-                            "keeps optimizer state per rank. Launch 2 rank(s) to resume, or start over with "
-                            "train.resume=never")
+    assert str(e.value) == (f"checkpoint {root / 'step00000018'} was written by 2 rank(s) and this run has 1, and "
+                            "it predates rank-independent checkpoints (no trainable_state.pt): ZeRO kept its optimizer "
+                            "state per rank. Launch 2 rank(s) to resume, or start over with train.resume=never")
+    # With the rank-independent state, another number of ranks resumes (tests/test_resume.py runs it).
+    portable = fake_checkpoint(root, 21, world_size=2, extra={checkpoints.PORTABLE: b"STATE"})
+    assert checkpoints.pick_checkpoint(root) == portable.name
 
 
 class Payload:
