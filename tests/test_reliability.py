@@ -335,9 +335,10 @@ def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone
     assert f"[bpt_ds] resumed from step {step} " in resumed.stdout
     assert loss_steps() == list(range(1, step + 3))
 
-    # Without a checkpoint (a crash before the first save) the rerun starts at step 0: the
-    # earlier run's steps are hidden, not shown twice.
+    # Without a checkpoint (a crash before the first save, so no done.json either) the rerun
+    # starts at step 0: the earlier run's steps are hidden, not shown twice.
     shutil.rmtree(out / "checkpoints")
+    (out / "done.json").unlink()
     fresh = subprocess.run([sys.executable, TRAIN, *args, "train.steps=2"], env=ds_env(cache, 1), cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
