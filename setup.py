@@ -32,7 +32,11 @@ setup(
     extras_require={
         # Hugging Face peft: export / import of prompt adapters (python -m bpt_ds.peft_io). Tested: 0.21.
         "peft": ["peft>=0.13"],
+        # Trackers beside TensorBoard (report_to=[tensorboard,wandb,mlflow]). Tested: wandb 0.31,
+        # mlflow-skinny 3.18 (the tracking client without the server).
+        "wandb": ["wandb>=0.17"],
+        "mlflow": ["mlflow-skinny>=2.10"],
         # hypothesis: property-based tests of bad input (tests/test_properties.py).
-        "test": ["pytest>=8", "peft>=0.13", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "peft>=0.13", "hypothesis>=6.100", "wandb>=0.17", "mlflow-skinny>=2.10"],
     },
 )

@@ -319,6 +319,9 @@ class RunConfig:
     output_dir: str = "runs/default"
     # The row label of this run in results tables (python -m bpt_ds.results); default: the stage.
     method: Optional[str] = None
+    # Where scalars go: tensorboard (<output_dir>/tb), wandb (offline unless WANDB_MODE=online),
+    # mlflow (<output_dir>/mlruns unless MLFLOW_TRACKING_URI); any of them (bpt_ds/trackers.py).
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -510,6 +513,10 @@ def require_batch_per_particle(global_batch: int, particles: int) -> None:
 def validate(cfg: RunConfig) -> None:
     """Checks relations between values that types alone cannot express."""
     t, p, d = cfg.train, cfg.prompt, cfg.data
+    trackers = ("tensorboard", "wandb", "mlflow")
+    unknown = [k for k in cfg.report_to if k not in trackers]
+    _require(not unknown and len(set(cfg.report_to)) == len(cfg.report_to),
+             f"config key 'report_to' takes distinct names of {', '.join(trackers)}; got {cfg.report_to}")
     for key, value in [
         ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
         ("prompt.length", p.length),
@@ -607,7 +614,7 @@ def to_yaml(cfg: RunConfig) -> str:
 # Keys a resumed run may change: they say how long to train and what to log, not what a step computes.
 RESUME_FREE = {"output_dir", "train.steps", "train.epochs", "train.resume", "train.log_every", "train.eval_every",
                "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.patience",
-               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method",
+               "train.eval_batch_size", "data.eval_tasks", "data.max_eval_examples", "method", "report_to",
                # How the job is guarded, not what it computes.
                "deepspeed.memory_check", "deepspeed.device_memory_gb", "deepspeed.memory_reserve_gb",
                "deepspeed.timeout_minutes", "train.max_bad_steps", "train.save_retry_minutes",

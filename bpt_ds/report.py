@@ -1,4 +1,5 @@
-"""The one output channel of a run: its lines (info and warnings) and its TensorBoard log.
+"""The one output channel of a run: its lines (info and warnings), its TensorBoard log and the
+other trackers of report_to (bpt_ds/trackers.py), which get the same scalars.
 
 Lines go through tqdm.write, so that they print above a progress bar instead of through it, and
 are flushed at once (under a launcher, stdout is a pipe). Only rank 0 speaks unless a line is
@@ -43,6 +44,14 @@ class Reporter:
     def __init__(self, is_main: bool):
         self.is_main = is_main
         self.writer = None
+        self.trackers: list = []          # bpt_ds.trackers: log(values, step), summary(values), close()
+        self._pending: dict = {}          # the current step's scalars for the trackers
+        self._pending_step: Optional[int] = None
+
+    def open_trackers(self, trackers: list) -> None:
+        """Trackers (rank 0's; bpt_ds.trackers.open_trackers) that get every scalar from now on."""
+        if self.is_main:
+            self.trackers = trackers
 
     def info(self, message: str) -> None:
         if self.is_main:
@@ -62,6 +71,17 @@ class Reporter:
     def scalar(self, key: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(key, value, step)
+        if self.trackers:
+            if step != self._pending_step:
+                self._flush_trackers()
+                self._pending_step = step
+            self._pending[key] = float(value)
+
+    def _flush_trackers(self) -> None:
+        if self._pending:
+            for tracker in self.trackers:
+                tracker.log(self._pending, self._pending_step)
+        self._pending = {}
 
     def scalars(self, values: dict, step: int) -> None:
         for key, value in values.items():
@@ -80,30 +100,38 @@ class Reporter:
         """The run's config (flattened to dotted keys) and its selected scores for TensorBoard's
         HPARAMS tab, which then compares the runs under one --logdir; the scores are also
         scalars of these names (what the tab reads)."""
-        if self.writer is None:
-            return
-        from torch.utils.tensorboard.summary import hparams
+        if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams
 
-        flat: dict = {}
+            flat: dict = {}
 
-        def walk(d: dict, prefix: str) -> None:
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    flat[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+            def walk(d: dict, prefix: str) -> None:
+                for k, v in d.items():
+                    if isinstance(v, dict):
+                        walk(v, f"{prefix}{k}.")
+                    else:
+                        flat[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
 
-        walk(config, "")
-        for summary in hparams(flat, metrics):
-            self.writer.file_writer.add_summary(summary)
+            walk(config, "")
+            for summary in hparams(flat, metrics):
+                self.writer.file_writer.add_summary(summary)
         for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+            self.scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.summary(metrics)
 
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+        if self.trackers:
+            self._flush_trackers()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.trackers:
+            self._flush_trackers()
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []

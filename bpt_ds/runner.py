@@ -42,6 +42,7 @@ from .prompts import PromptBank, load_prompts_file
 from .report import Reporter
 from .stages.base import Stage
 from .step import SkipReason, Stepper, micro_batches, placement_line
+from .trackers import check_available, open_trackers
 from .train_log import TrainLog, flops_counter, job_peak_flops
 
 
@@ -83,6 +84,7 @@ class Runner:
         job.init_distributed(cfg.deepspeed.timeout_minutes)
         self.rank, self.world = job.rank(), job.world_size()
         self.report = report = Reporter(self.rank == 0)
+        check_available(cfg.report_to)  # a tracker that is not installed fails now, not after the backbone
         torch.manual_seed(cfg.seed)
         self.ds_config = ds_config = resolve_ds_config(cfg, self.world)
         if not stage.clip_jointly:
@@ -217,7 +219,10 @@ class Runner:
         # purge_step: TensorBoard hides what earlier runs in this directory logged from this run's
         # first step on (steps after the checkpoint it resumes, or every step when it starts at 0),
         # so a restart shows no step twice.
-        report.open_tensorboard(self.out / "tb", purge_step=self.state.step + 1 if self.resume_tag else 0)
+        if "tensorboard" in cfg.report_to:
+            report.open_tensorboard(self.out / "tb", purge_step=self.state.step + 1 if self.resume_tag else 0)
+        if report.is_main:
+            report.open_trackers(open_trackers(cfg.report_to, self.out, self.out.name, to_dict(cfg)))
         report.text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.state.step)
         accum = self.ds_config["gradient_accumulation_steps"]
         report.info(f"stage {cfg.stage}: backbone {self.backbone.path} ({ds_dtype(self.ds_config)}, frozen), "

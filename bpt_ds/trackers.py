@@ -1,0 +1,115 @@
+"""Experiment trackers beside TensorBoard (config key report_to): Weights & Biases and MLflow.
+
+Each is optional (pip install -e '.[wandb]' / '.[mlflow]') and works without a network by
+default: wandb in offline mode (WANDB_MODE=online to sync; the run is under
+<output_dir>/wandb, `wandb sync` uploads it later), MLflow into a local file store
+(<output_dir>/mlruns, or MLFLOW_TRACKING_URI). A resumed run continues the same tracker run:
+its id is kept in <output_dir>/<tracker>_run_id. Only rank 0 reports. What they get: the
+config (flattened to dotted keys) once, every scalar TensorBoard gets at the same step, and the
+selected step's scores (wandb: also as the run's summary).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .errors import ConfigError
+
+KINDS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> module
+
+
+def check_available(kinds: list[str]) -> None:
+    """Refuses, before anything loads, a tracker whose library is not installed."""
+    for kind in kinds:
+        if importlib.util.find_spec(KINDS[kind]) is None:
+            extra = "mlflow-skinny" if kind == "mlflow" else kind
+            raise ConfigError(f"report_to: {kind} needs the {KINDS[kind]} package, which is not installed: "
+                              f"pip install {extra} (or pip install -e '.[{kind}]'), or drop it from report_to")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Dotted keys with plain values (lists and None as text)."""
+    out: dict = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def _run_id(out_dir: Path, kind: str, new) -> str:
+    """The tracker run of this output_dir: the one a resume continues, or a new one."""
+    path = out_dir / f"{kind}_run_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = new()
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+class WandbTracker:
+    def __init__(self, out_dir: Path, name: str, config: dict):
+        import wandb
+
+        run_id = _run_id(out_dir, "wandb", lambda: uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bpt_ds"), name=name, id=run_id,
+                              resume="allow", dir=str(out_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                              config=flatten(config))
+        self.where = str(Path(self.run.dir).parent)
+
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    def __init__(self, out_dir: Path, name: str, config: dict):
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # A local file store needs no server or database. MLflow 3 keeps it in maintenance mode
+            # and asks for this opt-in; its files stay readable by every MLflow version.
+            uri = (out_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = client = MlflowClient(tracking_uri=uri)
+        experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "bpt_ds")
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+        fresh = not (out_dir / "mlflow_run_id").is_file()
+        self.run_id = _run_id(out_dir, "mlflow", lambda: client.create_run(experiment_id, run_name=name).info.run_id)
+        if fresh:
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)) for k, v in flatten(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                client.log_batch(self.run_id, params=params[i:i + 100])
+        self.where = uri
+
+    def log(self, values: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        client, items = self.client, [Metric(k, float(v), stamp, step) for k, v in values.items()]
+        for i in range(0, len(items), 1000):
+            client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def summary(self, values: dict) -> None:
+        pass  # the scores arrive as metrics (log)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def open_trackers(kinds: list[str], out_dir: Path, name: str, config: dict) -> list:
+    return [{"wandb": WandbTracker, "mlflow": MlflowTracker}[k](out_dir, name, config) for k in kinds
+            if k != "tensorboard"]
