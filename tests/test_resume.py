@@ -48,7 +48,7 @@ def readme_run_commands() -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", section, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line)
-            if "launch/train.py" in words:
+            if "launch/train.py" in words and "--show-config" not in words:  # --show-config runs nothing
                 commands.append(words[words.index("launch/train.py") + 1:])
     return commands
 
