@@ -33,12 +33,25 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed  # (imported when a job starts: loading configs stays light)
 
+    if not on_gpu():
+        skip_cpu_shm_kernel()
     if on_gpu():
         # Each rank on its own GPU before the first collective: setup gathers objects (checks every
         # rank must agree on, the checkpoint to resume) before DeepSpeed would set the device.
         deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def skip_cpu_shm_kernel() -> None:
+    """On CPU, deepspeed.init_distributed compiles DeepSpeed's shared-memory all-reduce kernel
+    (a C++ build of ~30-45 s on a machine's first run) and leaves /dev/shm buffers behind after
+    every job. Only DeepSpeed-Inference's inference_all_reduce uses it; training, evaluation and
+    predict go through torch.distributed's collectives (gloo). Marking the op unavailable makes
+    DeepSpeed skip the build, as on a platform without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # What a lost connection or a timed-out collective looks like from torch: DistError
