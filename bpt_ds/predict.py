@@ -90,7 +90,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, world: int = 1) -> Request:
     """Reads and checks everything except the backbone's weights."""
-
     given = Path(args.prompts)
     run_dir = given if given.is_dir() else None
     if run_dir is not None and not (run_dir / "adapter_config.json").is_file():
@@ -113,9 +112,10 @@ def prepare(args: argparse.Namespace, world: int = 1) -> Request:
             raise ConfigError(f"predict: override '{text}' sets {key}; predict reads model.*, data.*, deepspeed.*, "
                               "seed and train.eval_batch_size")
         set_dotted(raw, key, value)
-    # One row per rank per micro-step: the training batch keys are not used, but must resolve.
+    # The training batch keys are not used, but must resolve on `world` ranks: one row per rank.
+    eval_batch = raw.get("train", {}).get("eval_batch_size")
     raw["train"] = {"global_batch_size": world, "micro_batch_size": 1, "eval_every": 0,
-                    **({"eval_batch_size": raw["train"]["eval_batch_size"]} if "eval_batch_size" in raw.get("train", {}) else {})}
+                    **({"eval_batch_size": eval_batch} if eval_batch is not None else {})}
     raw.setdefault("data", {})
     raw["data"].pop("eval_tasks", None)
     raw["stage"], raw["prompt"] = "pt", {"length": length, "particles": 1, "init": "random"}
