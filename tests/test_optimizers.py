@@ -3,6 +3,8 @@ direct numpy transcription of that code's loop, and in real runs on 1 and 2 rank
 (their state in checkpoints: a resumed run matches an uninterrupted one)."""
 from __future__ import annotations
 
+import shutil
+
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +117,13 @@ def test_svgd_adagrad_and_sgd_in_real_runs_on_one_and_two_ranks_and_across_a_res
     one = run("one", 1, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=0", port=29734)
     resumed = run("resumed", 2, "train.optimizer=svgd-adagrad", "train.steps=3", "train.save_every=3", port=29735)
     run("resumed", 2, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=3", port=29736)
-    final = {r: load_file(str(r / "prompts.safetensors"))["particles"] for r in (whole, one, resumed)}
+    # The same 3-step checkpoint of 2 ranks continued on 1 (its rank-independent state: the average h).
+    moved = tmp_path / "moved"
+    shutil.copytree(resumed / "checkpoints", moved / "checkpoints", ignore=shutil.ignore_patterns("step00000006"))
+    (moved / "checkpoints" / "latest").write_text("step00000003")
+    run("moved", 1, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=3", port=29737)
+    final = {r: load_file(str(r / "prompts.safetensors"))["particles"] for r in (whole, one, resumed, moved)}
     assert torch.equal(final[resumed], final[whole])
     torch.testing.assert_close(final[one], final[whole], rtol=0, atol=1e-5)
+    torch.testing.assert_close(final[moved], final[one], rtol=0, atol=1e-5)
     assert (final[whole] - start).abs().mean() > 0.03
