@@ -207,9 +207,10 @@ def pick_checkpoint(root: Path, check: Optional[Callable[[Optional[dict]], None]
                 written_by = manifest.get("world_size", world_size())
                 if written_by != world_size() and PORTABLE not in manifest.get("files", {}):
                     choice = [("error", f"checkpoint {root / tag} was written by {written_by} rank(s) and this run "
-                                        f"has {world_size()}, and it predates rank-independent checkpoints (no "
-                                        f"{PORTABLE}): ZeRO kept its optimizer state per rank. Launch {written_by} "
-                                        "rank(s) to resume, or start over with train.resume=never")]
+                                        f"has {world_size()}, and it has no rank-independent copy ({PORTABLE}: written "
+                                        f"under ZeRO-1/2, or by an earlier bpt_ds): its optimizer state is per rank. "
+                                        f"Launch {written_by} rank(s) to resume, or start over with "
+                                        "train.resume=never")]
                 elif check is not None:
                     check(manifest.get("config"))
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it, or they hang
@@ -290,7 +291,8 @@ class Checkpointer:
         portable = self.portable_state(client_state)  # collective: every rank gathers
         barrier()
         if rank() == 0:
-            torch.save(portable, root / tmp / PORTABLE)
+            if portable is not None:
+                torch.save(portable, root / tmp / PORTABLE)
             files = file_digests(root / tmp)
             manifest = {"format": 1, "step": step, "world_size": world_size(), "files": files}
             manifest["config"] = fingerprint
@@ -318,13 +320,30 @@ class Checkpointer:
         """The torch optimizer that holds the state (inside DeepSpeed's ZeRO optimizer, if any)."""
         return getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
 
+    def _link_zero12_state(self) -> None:
+        """ZeRO-1/2 link each parameter's fragment to its optimizer state at the first step
+        (_lazy_init_hp_params_optimizer_state); the safe_*_optimizer_state accessors need the link."""
+        link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
+
     def portable_state(self, client_state: dict) -> dict:
         """PORTABLE's content (collective): each trainable tensor's full fp32 value and full
         optimizer state per key, gathered from the ZeRO partitions, plus the optimizer's scalar
-        state (e.g. AdamW's step), the LR scheduler's state and the client state."""
+        state (e.g. AdamW's step), the LR scheduler's state and the client state. Without ZeRO
+        (stage 0) every rank holds all of it: the optimizer's own state_dict."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        inner = self._inner_optimizer()
+        inner, stage = self._inner_optimizer(), self.ds.zero_optimization_stage()
+        common = {"format": 1, "lr_scheduler": self.ds.lr_scheduler.state_dict(), "client_state": client_state}
+        if stage == 0:
+            return {**common, "values": {n: p.detach().float().cpu().clone() for n, p in self._trainable()},
+                    "optimizer_state_dict": inner.state_dict()}
+        if stage in (1, 2):
+            # Their per-parameter fragments do not expose every rank's optimizer state reliably
+            # (DeepSpeed 0.19: "exp_avg not found in optimizer state fragment" for small tensors):
+            # no rank-independent copy; such a checkpoint resumes on the rank count that wrote it.
+            return None
         tensor_keys, scalars = set(), {}
         for state in inner.state.values():
             for key, value in state.items():
@@ -340,47 +359,72 @@ class Checkpointer:
                 state = safe_get_full_optimizer_state(param, key)
                 if state is not None:
                     optim[f"{name}/{key}"] = state.float().cpu().clone()
-        return {"format": 1, "values": values, "optimizer": optim, "optimizer_scalars": scalars,
-                "lr_scheduler": self.ds.lr_scheduler.state_dict(), "client_state": client_state}
+        return {**common, "values": values, "optimizer": optim, "optimizer_scalars": scalars}
 
     def load_portable(self, tag: str) -> dict:
         """Restores PORTABLE of checkpoint `tag` on any number of ranks: every rank reads the full
-        state and keeps its partition (the model's copy and the fp32 master of each trainable
-        tensor, its optimizer state), then the scalars and the schedule. Returns the client state."""
+        state and keeps its part: the model's copy of each trainable tensor (gathered, set, and
+        partitioned again under ZeRO-3), its fp32 master and optimizer state (under ZeRO-3 this
+        rank's slice of the padded flat tensor, written directly: the full setters require
+        sizes the rank count divides), then the optimizer's scalars and the schedule. Returns
+        the client state."""
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                     safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
         saved = torch.load(self.root / tag / PORTABLE, map_location="cpu", weights_only=True)
-        zero3 = self.ds.zero_optimization_stage() == 3
-        # torch optimizers create their state at their first step: create it (for the flat fp32
-        # partitions ZeRO hands them) so that the saved state can be written into it.
-        inner = self._inner_optimizer()
-        keys = sorted({k.rpartition("/")[2] for k in saved["optimizer"]})
-        on_device = bool(inner.defaults.get("fused") or inner.defaults.get("capturable"))
-        # ZeRO-3 hands the optimizer its flat partitions only for the step; ZeRO-1/2 keep them in its groups.
-        flats = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None) or [
-            flat for group in inner.param_groups for flat in group["params"]]
-        for flat in flats:
-            state = inner.state[flat]
-            for key in keys:
-                if not torch.is_tensor(state.get(key)):
-                    state[key] = torch.zeros_like(flat)
-            for key, value in saved["optimizer_scalars"].items():
-                state[key] = torch.tensor(value, dtype=torch.float32, device=flat.device if on_device else "cpu")
+        stage, inner, device = self.ds.zero_optimization_stage(), self._inner_optimizer(), self.ds.device
+        zero3 = stage == 3
         for name, param in self._trainable():
             value = saved["values"][name]
             if tuple(value.shape) != tuple(getattr(param, "ds_shape", param.shape)):
                 raise ConfigError(f"checkpoint {self.root / tag}: {name} has shape {list(value.shape)}, this run's "
                                   f"is {list(getattr(param, 'ds_shape', param.shape))}; use a new output_dir, or "
                                   "train.resume=never")
-            device = self.ds.device
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
                 param.data.copy_(value.to(param.device, param.dtype))  # the model's (low-precision) copy
-            safe_set_full_fp32_param(param, value.to(device))
-            for key, state in saved["optimizer"].items():
-                owner, _, which = key.rpartition("/")
-                if owner == name:
-                    safe_set_full_optimizer_state(param, state.to(device), which)
+        if "optimizer_state_dict" in saved:  # written without ZeRO: the optimizer's own state
+            if stage != 0:
+                raise ConfigError(f"checkpoint {self.root / tag} was written without ZeRO (stage 0) and this run uses "
+                                  f"ZeRO stage {stage}; resume with the DeepSpeed config that wrote it, or "
+                                  "train.resume=never")
+            inner.load_state_dict(saved["optimizer_state_dict"])
+        else:
+            if stage == 0:
+                raise ConfigError(f"checkpoint {self.root / tag} was written under ZeRO and this run has no ZeRO "
+                                  "(stage 0); resume with the DeepSpeed config that wrote it, or train.resume=never")
+            # torch optimizers create their state at their first step: create it (for the flat fp32
+            # partitions ZeRO hands them) so that the saved state can be written into it.
+            keys = sorted({k.rpartition("/")[2] for k in saved["optimizer"]})
+            on_device = bool(inner.defaults.get("fused") or inner.defaults.get("capturable"))
+            # ZeRO-3 hands the optimizer its flat partitions only for the step; ZeRO-1/2 keep them in its groups.
+            flats = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None) or [
+                flat for group in inner.param_groups for flat in group["params"]]
+            for flat in flats:
+                state = inner.state[flat]
+                for key in keys:
+                    if not torch.is_tensor(state.get(key)):
+                        state[key] = torch.zeros_like(flat)
+                for key, value in saved["optimizer_scalars"].items():
+                    state[key] = torch.tensor(value, dtype=torch.float32, device=flat.device if on_device else "cpu")
+            for name, param in self._trainable():
+                full = {None: saved["values"][name], **{key.rpartition("/")[2]: v for key, v in saved["optimizer"].items()
+                                                        if key.rpartition("/")[0] == name}}
+                for key, value in full.items():
+                    if zero3:
+                        z3 = self.ds.optimizer
+                        size, part = param.ds_tensor.numel(), z3._get_param_partition_rank(param)
+                        padded = torch.zeros(size * z3._get_param_partition_world_size(param))
+                        padded[:value.numel()] = value.flatten()
+                        mine = padded[part * size:(part + 1) * size].to(device)
+                        if key is None:
+                            safe_set_local_fp32_param(param, mine)
+                        else:
+                            safe_set_local_optimizer_state(param, mine, key)
+                    elif key is None:
+                        safe_set_full_fp32_param(param, value.to(device))
+                    else:
+                        safe_set_full_optimizer_state(param, value.to(device), key)
         self.ds.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         step = int(saved["client_state"]["step"])
         self.ds.global_steps, self.ds.global_samples = step, step * self.ds.train_batch_size()
@@ -429,5 +473,9 @@ class Checkpointer:
                     target = old.with_name(f"{old.name}-set-aside-{stamp}")
                     os.replace(old, target)
                     moved = target if old == root else moved
+            for kind in ("wandb", "mlflow"):  # a fresh start is a new tracker run (bpt_ds.trackers)
+                run_id = root.with_name(f"{kind}_run_id")
+                if run_id.is_file():
+                    os.replace(run_id, run_id.with_name(f"{run_id.name}-set-aside-{stamp}"))
         barrier()
         return moved

@@ -1,7 +1,7 @@
 """Every config key with its type, default and meaning, read from config.py itself: the
 dataclass fields give the key, type and default, the comment above a field (or after it on its
 line) gives the meaning. `launch/train.py --help` prints this list, so it cannot drift from the
-code; a key without a comment is a test failure (tests/test_cli.py).
+code; a key without a comment is a test failure (tests/test_first_hour.py).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import RunConfig, fingerprint_changes, steps_for_epochs
+from .config import RunConfig, fingerprint_changes, steps_for_epochs, to_dict
 from .deepspeed_setup import micro_batch_size
 from .distributed import StopFlag
 from .errors import ConfigError
@@ -62,7 +62,7 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
             raise ConfigError(f"stage '{name}': {e}") from None
     ran: dict[Path, str] = {}  # output directories of the stages this command ran -> their names
     for i, (name, cfg) in enumerate(runs):
-        if len(runs) == 1 and cfg.train.resume == "auto" and finished(cfg) == "done":
+        if len(runs) == 1 and cfg.train.resume == "auto" and finished(cfg) == "done" and _same_as_done(cfg):
             # Run again as it was: nothing to train, and its outputs already say everything.
             say(f"[bpt_ds] {cfg.output_dir} already holds this run, finished (done.json: this config and these "
                 f"inputs); nothing to do. Its results: {Path(cfg.output_dir) / 'metrics.json'}. To train again: "
@@ -86,6 +86,15 @@ def run_pipeline(runs: list, say: Callable[[str], None] = print, stop: Optional[
                 f"{f' (fresh: {why})' if why else ''}")
         run_stage(cfg, STAGES[cfg.stage](cfg), stop)
         ran[Path(cfg.output_dir).resolve()] = name
+
+
+def _same_as_done(cfg: RunConfig) -> bool:
+    """Whether done.json's config is this one in every key, the ones a resume may change too (a
+    new data.eval_tasks or report_to re-evaluates and reports instead of being skipped)."""
+    try:
+        return json.loads((Path(cfg.output_dir) / DONE_FILE).read_text()).get("config") == to_dict(cfg)
+    except (OSError, ValueError):
+        return False
 
 
 def _input_dirs(cfg: RunConfig) -> list[Path]:

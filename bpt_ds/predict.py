@@ -77,8 +77,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--task", help="the task whose rows (or, with --input, whose labels) to use")
     ap.add_argument("--split", choices=SPLITS, default="test", help="the task's split (default: test)")
     ap.add_argument("--input", help="your own rows: JSON/JSONL/CSV/Parquet with an 'input' column, optionally 'target'")
-    ap.add_argument("--labels", help="comma-separated labels to rank-score the rows of --input "
-                                     "(default: the --task's labels, else the file's distinct targets)")
+    ap.add_argument("--labels", help="comma-separated labels to rank-score the rows of --input (default: the labels "
+                                     "of --task, or of the run's first task; else the file's distinct targets)")
     ap.add_argument("--particles", default="ensemble",
                     help="with M > 1 particles: ensemble (posterior predictive, default), mean, or a particle index")
     ap.add_argument("--generate", action="store_true", help="generate text instead of rank-scoring the labels")
@@ -180,7 +180,10 @@ def _rows(args, cfg, task_name: Optional[str]) -> tuple[TaskData, bool]:
             return known, True
 
         spec = cfg.data.local.get(task_name) or REGISTRY.get(task_name) or SYNTHETIC_TASKS.get(task_name)
-        known = TaskData(task_name, list(getattr(spec, "labels", None) or []), [], [],
+        labels_of = list(getattr(spec, "labels", None) or [])
+        if task_name in cfg.data.local and not labels_of:  # a local task's labels come from its files
+            labels_of = load_task(task_name, cfg.data, cfg.seed).labels
+        known = TaskData(task_name, labels_of, [], [],
                          kind=getattr(spec, "kind", "classification"), metrics=getattr(spec, "metrics", ("accuracy",)))
     ds = _read_file(args.input, "--input")
     if "input" not in ds.column_names:

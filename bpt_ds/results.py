@@ -172,13 +172,13 @@ def render(paths: list[str], split: str = "test", fmt: str = "markdown", which: 
     return markdown(table) if fmt == "markdown" else csv_text(table)
 
 
-def curves(files: list[Path], split: str = "dev") -> dict[str, dict[str, dict[int, list[float]]]]:
+def curves(files: list[Path], split: str = "dev", label_split: str = "test") -> dict[str, dict[str, dict[int, list[float]]]]:
     """{row label: {task: {step: [one value per run]}}}: each run's <split>/<task>/score scalars,
     read from its TensorBoard log (tb/ beside its metrics.json) with tensorboard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, dict[str, dict[int, list[float]]]] = {}
-    for f, label in labels(files).items():
+    for f, label in labels(files, label_split).items():
         tb = f.parent / "tb"
         if not tb.is_dir():
             raise ResultsError(f"{f}: no TensorBoard log beside it ({tb}) to draw its curve from")
@@ -195,7 +195,7 @@ def curves(files: list[Path], split: str = "dev") -> dict[str, dict[str, dict[in
     return out
 
 
-def plot(files: list[Path], path: str, split: str = "dev") -> str:
+def plot(files: list[Path], path: str, split: str = "dev", label_split: str = "test") -> str:
     """A PNG of the runs' <split> score curves: one panel per task, one line per row label (the
     mean over its seeds, x100) with a band of ± one standard deviation where it has several."""
     try:
@@ -205,7 +205,7 @@ def plot(files: list[Path], path: str, split: str = "dev") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = curves(files, split)
+    data = curves(files, split, label_split)
     tasks = _order({t for by_task in data.values() for t in by_task})
     cols = min(3, len(tasks))
     rows_ = math.ceil(len(tasks) / cols)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = render(args.paths, args.split, args.format, args.metrics)
         if args.plot:
-            plot(find_metrics(args.paths), args.plot)
+            plot(find_metrics(args.paths), args.plot, label_split=args.split)
     except ResultsError as e:
         print(f"bpt_ds.results: error: {e}", file=sys.stderr)
         return 2

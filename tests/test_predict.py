@@ -123,7 +123,7 @@ def test_a_file_of_your_own_with_and_without_targets(tmp_path, tiny_backbone_pat
     assert (run / "predictions" / "polarity-labelled.metrics.json").is_file()
     assert not (run / "predictions" / "polarity-unlabelled.metrics.json").exists()
     scores = reference_scores(tiny_backbone_path, particles, [r["input"] for r in rows], LABELS)
-    # labelled.csv's labels are its distinct targets, sorted: the same two words.
+    # The labels are the run's task's (polarity): the file's two target words.
     assert sorted(LABELS) == sorted({r["target"] for r in rows})
     assert [r["prediction"] for r in b] == [LABELS[i] for i in scores.argmax(1).tolist()]
 

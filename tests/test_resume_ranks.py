@@ -35,7 +35,9 @@ def final(out) -> dict:
 @pytest.mark.parametrize("before, after, extra", [
     (2, 1, ["train.global_batch_size=12"]),
     (1, 4, ["train.global_batch_size=12"]),
-    (1, 3, ["stage=bmtpt-source", "prompt.particles=3", "train.global_batch_size=12", "data.tasks=[sentiment,mood]"]),
+    # 5 x 128 = 640 values over 3 ranks: ZeRO-3 pads the last partition.
+    (1, 3, ["stage=bmtpt-source", "prompt.particles=3", "train.global_batch_size=12", "data.tasks=[sentiment,mood]",
+            "prompt.length=5"]),
 ])
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, tiny_backbone_path, before, after, extra):
     cache = tiny_backbone_path.parent
@@ -53,3 +55,18 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, tiny_backbone
         rounding = (a[key] - c[key]).abs().max().item()  # what the rank count alone changes
         assert rounding < 1e-4
         assert (b[key] - a[key]).abs().max().item() <= max(1e-6, 2 * rounding), key
+
+
+@pytest.mark.distributed
+def test_under_zero2_a_checkpoint_saves_and_another_rank_count_is_refused_by_name(tmp_path, tiny_backbone_path):
+    """ZeRO-1/2 (the replicated backbone) keep no rank-independent copy: saving works (with
+    factors too), and a resume on another rank count is refused before the backbone loads."""
+    cache = tiny_backbone_path.parent
+    out = tmp_path / "run"
+    extra = ["train.global_batch_size=12", "deepspeed.config=ds_configs/replicated_bf16.json", "prompt.factors.rank=1"]
+    train(2, out, 4, cache, 29848, *extra)
+    assert not (out / "checkpoints" / "step00000004" / "trainable_state.pt").exists()
+    proc = run_ds(1, TRAIN, f"output_dir={out}", "train.steps=8", *COMMON, *extra, cache=cache, port=29849)
+    assert proc.returncode == 2
+    assert "was written by 2 rank(s) and this run has 1, and it has no rank-independent copy" in proc.stderr
+    assert "[bpt_ds] loading backbone" not in proc.stdout
