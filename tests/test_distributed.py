@@ -282,7 +282,9 @@ def test_default_command_runs_end_to_end(cache, tmp_path):
                             str(ROOT / "configs" / "tiny_cpu.yaml")], env=ds_env(cache, 1), cwd=tmp_path,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[bpt_ds] resumed from step 200 " in again.stdout and "done at step 200." in again.stdout
+    # (Finished with this very config, it is done: said at once, nothing loaded.)
+    assert "runs/default already holds this run, finished" in again.stdout
+    assert "[bpt_ds] loading backbone" not in again.stdout
 
 
 def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
@@ -314,7 +316,8 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     # Running the same command again does not train past the early stop.
     again = run_ds(2, TRAIN, *args, cache=cache)
     assert again.returncode == 0
-    assert "resumed from step 3" in again.stdout and "done at step 3." in again.stdout
+    assert f"{out} already holds this run, finished" in again.stdout and "loading backbone" not in again.stdout
+    assert json.loads((out / "metrics.json").read_text())["final"]["dev"] == metrics
     # A checkpoint continues only the computation that wrote it.
     other = run_ds(2, TRAIN, *args, "train.lr=0.1", cache=cache)
     assert other.returncode == 2
