@@ -320,13 +320,6 @@ class Checkpointer:
         """The torch optimizer that holds the state (inside DeepSpeed's ZeRO optimizer, if any)."""
         return getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
 
-    def _link_zero12_state(self) -> None:
-        """ZeRO-1/2 link each parameter's fragment to its optimizer state at the first step
-        (_lazy_init_hp_params_optimizer_state); the safe_*_optimizer_state accessors need the link."""
-        link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:
-            link()
-
     def portable_state(self, client_state: dict) -> dict:
         """PORTABLE's content (collective): each trainable tensor's full fp32 value and full
         optimizer state per key, gathered from the ZeRO partitions, plus the optimizer's scalar

@@ -29,6 +29,18 @@ def warn(message: str) -> None:
     line(f"{PREFIX} warning: {message}", err=True)
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys with plain values (lists and None as text): what
+    TensorBoard's HPARAMS tab and the trackers take."""
+    out: dict = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
 def peak_memory_mb(on_gpu: bool) -> float:
     """The peak memory of this rank: allocated device memory, or the process's peak RSS on CPU."""
     if on_gpu:
@@ -103,17 +115,7 @@ class Reporter:
         if self.writer is not None:
             from torch.utils.tensorboard.summary import hparams
 
-            flat: dict = {}
-
-            def walk(d: dict, prefix: str) -> None:
-                for k, v in d.items():
-                    if isinstance(v, dict):
-                        walk(v, f"{prefix}{k}.")
-                    else:
-                        flat[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
-
-            walk(config, "")
-            for summary in hparams(flat, metrics):
+            for summary in hparams(flatten(config), metrics):
                 self.writer.file_writer.add_summary(summary)
         for key, value in metrics.items():
             self.scalar(key, value, step)

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from .errors import ConfigError
+from .report import flatten
 
 KINDS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> module
 
@@ -28,17 +29,6 @@ def check_available(kinds: list[str]) -> None:
             extra = "mlflow-skinny" if kind == "mlflow" else kind
             raise ConfigError(f"report_to: {kind} needs the {KINDS[kind]} package, which is not installed: "
                               f"pip install {extra} (or pip install -e '.[{kind}]'), or drop it from report_to")
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Dotted keys with plain values (lists and None as text)."""
-    out: dict = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
-    return out
 
 
 def _run_id(out_dir: Path, kind: str, new) -> str:
