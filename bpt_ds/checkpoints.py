@@ -208,7 +208,7 @@ def pick_checkpoint(root: Path, check: Optional[Callable[[Optional[dict]], None]
                 if written_by != world_size() and PORTABLE not in manifest.get("files", {}):
                     choice = [("error", f"checkpoint {root / tag} was written by {written_by} rank(s) and this run "
                                         f"has {world_size()}, and it has no rank-independent copy ({PORTABLE}: written "
-                                        f"under ZeRO-1/2, or by an earlier bpt_ds): its optimizer state is per rank. "
+                                        f"by a bpt_ds from before 2026-12): its optimizer state is per rank. "
                                         f"Launch {written_by} rank(s) to resume, or start over with "
                                         "train.resume=never")]
                 elif check is not None:
@@ -332,11 +332,6 @@ class Checkpointer:
         if stage == 0:
             return {**common, "values": {n: p.detach().float().cpu().clone() for n, p in self._trainable()},
                     "optimizer_state_dict": inner.state_dict()}
-        if stage in (1, 2):
-            # Their per-parameter fragments do not expose every rank's optimizer state reliably
-            # (DeepSpeed 0.19: "exp_avg not found in optimizer state fragment" for small tensors):
-            # no rank-independent copy; such a checkpoint resumes on the rank count that wrote it.
-            return None
         tensor_keys, scalars = set(), {}
         for state in inner.state.values():
             for key, value in state.items():
@@ -344,6 +339,9 @@ class Checkpointer:
                     tensor_keys.add(key)
                 elif torch.is_tensor(value) or isinstance(value, (int, float)):
                     scalars[key] = float(value)
+        if stage in (1, 2):
+            values, optim = self._zero12_gather(inner, sorted(tensor_keys))
+            return {**common, "values": values, "optimizer": optim, "optimizer_scalars": scalars}
         values, optim = {}, {}
         for name, param in self._trainable():
             full = safe_get_full_fp32_param(param)
@@ -354,6 +352,70 @@ class Checkpointer:
                     optim[f"{name}/{key}"] = state.float().cpu().clone()
         return {**common, "values": values, "optimizer": optim, "optimizer_scalars": scalars}
 
+    def _zero12_slices(self):
+        """Under ZeRO-1/2: for each parameter group, its data-parallel group, its flat fp32
+        partition on this rank and [(name, offset, shape)] of the trainable tensors in the group's
+        flat buffer. Each rank holds an equal slice of that buffer (DeepSpeed pads it to a multiple
+        of the rank count). DeepSpeedZeroOptimizer (ZeRO-2; ZeRO-1 in fp32) flattens its
+        round_robin_bit16_groups with alignment gaps (round_robin_bit16_offsets); BF16_Optimizer
+        (ZeRO-1 with bf16 weights) flattens bf16_groups back to back."""
+        z, names = self.ds.optimizer, {id(p): n for n, p in self._trainable()}
+        if hasattr(z, "single_partition_of_fp32_groups"):
+            groups, offsets, flats = z.round_robin_bit16_groups, z.round_robin_bit16_offsets, z.single_partition_of_fp32_groups
+        elif hasattr(z, "fp32_groups_flat_partition"):
+            groups, flats = z.bf16_groups, z.fp32_groups_flat_partition
+            offsets = [[sum(q.numel() for q in params[:j]) for j in range(len(params))] for params in groups]
+        else:
+            raise CheckpointError(f"DeepSpeed's {type(z).__name__} under ZeRO stage {self.ds.zero_optimization_stage()} "
+                                  "has no flat fp32 partitions that bpt_ds knows how to read; use ZeRO-3 "
+                                  "(ds_configs/zero3_bf16.json) or ZeRO-2 (ds_configs/replicated_bf16.json)")
+        for i, params in enumerate(groups):
+            layout = [(names[id(p)], off, tuple(p.shape)) for p, off in zip(params, offsets[i])]
+            yield z.real_dp_process_group[i], flats[i], layout
+
+    def _zero12_gather(self, inner, keys: list[str]) -> tuple[dict, dict]:
+        """The full fp32 values and optimizer state (per key) of every trainable tensor under
+        ZeRO-1/2 (collective): each group's flat partitions all-gathered from every rank, then
+        cut at the tensors' offsets. (DeepSpeed's per-tensor fragment getters fail for tensors a
+        rank holds no part of: "exp_avg not found in optimizer state fragment".)"""
+        values, optim = {}, {}
+        for group, flat, layout in self._zero12_slices():
+            world = dist.get_world_size(group=group) if world_size() > 1 else 1
+            state = inner.state.get(flat, {})
+            for key in [None, *keys]:
+                part = flat.detach() if key is None else state.get(key, torch.zeros_like(flat))
+                part = part.float().to(self.ds.device)
+                pieces = [torch.empty_like(part) for _ in range(world)]
+                if world > 1:
+                    dist.all_gather(pieces, part, group=group)
+                else:
+                    pieces = [part]
+                full = torch.cat(pieces).cpu()
+                for name, off, shape in layout:
+                    n = int(torch.Size(shape).numel())
+                    piece = full[off:off + n].view(shape).clone()
+                    if key is None:
+                        values[name] = piece
+                    else:
+                        optim[f"{name}/{key}"] = piece
+        return values, optim
+
+    def _zero12_scatter(self, inner, saved: dict, keys: list[str]) -> None:
+        """Writes this rank's slice of the saved full state into its ZeRO-1/2 flat partitions:
+        the fp32 master values and each optimizer state tensor."""
+        for group, flat, layout in self._zero12_slices():
+            world = dist.get_world_size(group=group) if world_size() > 1 else 1
+            part = dist.get_rank(group=group) if world > 1 else 0
+            size = flat.numel()
+            for key in [None, *keys]:
+                full = torch.zeros(size * world)
+                for name, off, shape in layout:
+                    value = saved["values"][name] if key is None else saved["optimizer"][f"{name}/{key}"]
+                    full[off:off + value.numel()] = value.flatten()
+                mine = full[part * size:(part + 1) * size]
+                target = flat.data if key is None else inner.state[flat][key]
+                target.copy_(mine.to(target.device, target.dtype))
+
     def load_portable(self, tag: str) -> dict:
         """Restores PORTABLE of checkpoint `tag` on any number of ranks: every rank reads the full
         state and keeps its part: the model's copy of each trainable tensor (gathered, set, and
@@ -362,8 +424,7 @@ class Checkpointer:
         sizes the rank count divides), then the optimizer's scalars and the schedule. Returns
         the client state."""
         import deepspeed
-        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                     safe_set_local_fp32_param, safe_set_local_optimizer_state)
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         saved = torch.load(self.root / tag / PORTABLE, map_location="cpu", weights_only=True)
         stage, inner, device = self.ds.zero_optimization_stage(), self._inner_optimizer(), self.ds.device
@@ -400,24 +461,23 @@ class Checkpointer:
                         state[key] = torch.zeros_like(flat)
                 for key, value in saved["optimizer_scalars"].items():
                     state[key] = torch.tensor(value, dtype=torch.float32, device=flat.device if on_device else "cpu")
-            for name, param in self._trainable():
+            if not zero3:
+                self._zero12_scatter(inner, saved, keys)
+            for name, param in (self._trainable() if zero3 else []):
+                # this rank's slice of the padded partition, written directly (the full setters
+                # require sizes the rank count divides)
+                z3 = self.ds.optimizer
+                size, part = param.ds_tensor.numel(), z3._get_param_partition_rank(param)
                 full = {None: saved["values"][name], **{key.rpartition("/")[2]: v for key, v in saved["optimizer"].items()
                                                         if key.rpartition("/")[0] == name}}
                 for key, value in full.items():
-                    if zero3:
-                        z3 = self.ds.optimizer
-                        size, part = param.ds_tensor.numel(), z3._get_param_partition_rank(param)
-                        padded = torch.zeros(size * z3._get_param_partition_world_size(param))
-                        padded[:value.numel()] = value.flatten()
-                        mine = padded[part * size:(part + 1) * size].to(device)
-                        if key is None:
-                            safe_set_local_fp32_param(param, mine)
-                        else:
-                            safe_set_local_optimizer_state(param, mine, key)
-                    elif key is None:
-                        safe_set_full_fp32_param(param, value.to(device))
+                    padded = torch.zeros(size * z3._get_param_partition_world_size(param))
+                    padded[:value.numel()] = value.flatten()
+                    mine = padded[part * size:(part + 1) * size].to(device)
+                    if key is None:
+                        safe_set_local_fp32_param(param, mine)
                     else:
-                        safe_set_full_optimizer_state(param, value.to(device), key)
+                        safe_set_local_optimizer_state(param, mine, key)
         self.ds.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         step = int(saved["client_state"]["step"])
         self.ds.global_steps, self.ds.global_samples = step, step * self.ds.train_batch_size()

@@ -101,8 +101,8 @@ def test_a_resume_warns_about_damage_and_refuses_another_number_of_ranks_only_wi
     with pytest.raises(checkpoints.CheckpointError) as e:
         checkpoints.pick_checkpoint(root)
     assert str(e.value) == (f"checkpoint {root / 'step00000018'} was written by 2 rank(s) and this run has 1, and "
-                            "it has no rank-independent copy (trainable_state.pt: written under ZeRO-1/2, or by an earlier "
-                            "bpt_ds): its optimizer state is per rank. Launch 2 rank(s) to resume, or start over with "
+                            "it has no rank-independent copy (trainable_state.pt: written by a bpt_ds from "
+                            "before 2026-12): its optimizer state is per rank. Launch 2 rank(s) to resume, or start over with "
                             "train.resume=never")
     # With the rank-independent state, another number of ranks resumes (tests/test_resume_ranks.py runs it).
     portable = fake_checkpoint(root, 21, world_size=2, extra={checkpoints.PORTABLE: b"STATE"})
