@@ -526,9 +526,10 @@ class Checkpointer:
                     target = old.with_name(f"{old.name}-set-aside-{stamp}")
                     os.replace(old, target)
                     moved = target if old == root else moved
-            for kind in ("wandb", "mlflow"):  # a fresh start is a new tracker run (bpt_ds.trackers)
-                run_id = root.with_name(f"{kind}_run_id")
-                if run_id.is_file():
-                    os.replace(run_id, run_id.with_name(f"{run_id.name}-set-aside-{stamp}"))
+            # a fresh start is a new tracker run, with no points yet (bpt_ds.trackers)
+            for name in ("wandb_run_id", "mlflow_run_id", "tracker_steps.json"):
+                kept = root.with_name(name)
+                if kept.is_file():
+                    os.replace(kept, kept.with_name(f"{name}-set-aside-{stamp}"))
         barrier()
         return moved

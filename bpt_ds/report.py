@@ -56,14 +56,16 @@ class Reporter:
     def __init__(self, is_main: bool):
         self.is_main = is_main
         self.writer = None
-        self.trackers: list = []          # bpt_ds.trackers: log(values, step), summary(values), close()
+        self.trackers: list = []          # bpt_ds.trackers: kind, log(values, step), summary(values), close(outcome)
+        self.ledger = None                # bpt_ds.trackers.Ledger: the points they already have
         self._pending: dict = {}          # the current step's scalars for the trackers
         self._pending_step: Optional[int] = None
 
-    def open_trackers(self, trackers: list) -> None:
-        """Trackers (rank 0's; bpt_ds.trackers.open_trackers) that get every scalar from now on."""
+    def open_trackers(self, trackers: list, ledger) -> None:
+        """Trackers (rank 0's; bpt_ds.trackers.open_trackers) that get every scalar from now on,
+        except the points their ledger (bpt_ds.trackers.Ledger) says they already have."""
         if self.is_main:
-            self.trackers = trackers
+            self.trackers, self.ledger = trackers, ledger
 
     def info(self, message: str) -> None:
         if self.is_main:
@@ -91,8 +93,14 @@ class Reporter:
 
     def _flush_trackers(self) -> None:
         if self._pending:
+            logged = False
             for tracker in self.trackers:
-                tracker.log(self._pending, self._pending_step)
+                values = self.ledger.fresh(tracker.kind, self._pending, self._pending_step)
+                if values:
+                    tracker.log(values, self._pending_step)
+                    logged = True
+            if logged:
+                self.ledger.save()
         self._pending = {}
 
     def scalars(self, values: dict, step: int) -> None:
@@ -128,12 +136,13 @@ class Reporter:
         if self.trackers:
             self._flush_trackers()
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
+        """outcome: how the run ended, for the trackers' status (bpt_ds.trackers.OUTCOMES)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         if self.trackers:
             self._flush_trackers()
             for tracker in self.trackers:
-                tracker.close()
+                tracker.close(outcome)
             self.trackers = []

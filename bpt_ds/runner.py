@@ -42,24 +42,30 @@ from .prompts import PromptBank, load_prompts_file
 from .report import Reporter
 from .stages.base import Stage
 from .step import SkipReason, Stepper, micro_batches, placement_line
-from .trackers import check_available, open_trackers
+from .trackers import Ledger, check_available, open_trackers
 from .train_log import TrainLog, flops_counter, job_peak_flops
 
 
 def run_stage(cfg: RunConfig, stage: Stage, stop: Optional[job.StopFlag] = None) -> dict:
     """Trains one stage to its end (or its early stop) and returns metrics.json's content."""
     runner = Runner(cfg, stage, stop)
+    outcome = "failed"  # how the run ended, for the trackers' status
     try:
         runner.setup()
         runner.train()
-        return runner.finish()
+        metrics = runner.finish()
+        outcome = "finished"
+        return metrics
+    except (Preempted, KeyboardInterrupt):
+        outcome = "killed"
+        raise
     except Exception as e:
         if job.is_comm_failure(e) and not isinstance(e, LostContact):
             # launch/train.py names the lost rank, waiting for it as long as this run's collectives do.
             raise LostContact(str(e) or type(e).__name__, cfg.deepspeed.timeout_minutes * 60) from e
         raise
     finally:
-        runner.cleanup()
+        runner.cleanup(outcome)
 
 
 class Runner:
@@ -222,7 +228,7 @@ class Runner:
         if "tensorboard" in cfg.report_to:
             report.open_tensorboard(self.out / "tb", purge_step=self.state.step + 1 if self.resume_tag else 0)
         if report.is_main:
-            report.open_trackers(open_trackers(cfg.report_to, self.out, self.out.name, to_dict(cfg)))
+            report.open_trackers(open_trackers(cfg.report_to, self.out, self.out.name, to_dict(cfg)), Ledger(self.out))
         report.text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.state.step)
         accum = self.ds_config["gradient_accumulation_steps"]
         report.info(f"stage {cfg.stage}: backbone {self.backbone.path} ({ds_dtype(self.ds_config)}, frozen), "
@@ -391,12 +397,12 @@ class Runner:
         budget = min(self.cfg.train.save_retry_minutes, self.cfg.deepspeed.timeout_minutes / 2)
         self.retry_minutes_spent += write_with_retry(path, write, max(0.0, budget - self.retry_minutes_spent))
 
-    def cleanup(self) -> None:
-        """Closes the log and lets go of the engine and backbone, so that the next stage of a
-        pipeline does not load its backbone beside this one."""
+    def cleanup(self, outcome: str = "finished") -> None:
+        """Closes the log (outcome: how the run ended, for the trackers) and lets go of the engine
+        and backbone, so that the next stage of a pipeline does not load its backbone beside this one."""
         report = getattr(self, "report", None)
         if report is not None:
-            report.close()
+            report.close(outcome)
         if self.deepspeed is not None:
             self.deepspeed.destroy()
         self.deepspeed = self.backbone = None

@@ -7,16 +7,24 @@ default: wandb in offline mode (WANDB_MODE=online to sync; the run is under
 its id is kept in <output_dir>/<tracker>_run_id. Only rank 0 reports. What they get: the
 config (flattened to dotted keys) once, every scalar TensorBoard gets at the same step, and the
 selected step's scores (wandb: also as the run's summary).
+
+A run that crashed after its newest checkpoint repeats, when resumed, the steps in between;
+they are the same steps (the same batches and dropout draws), and each tracker keeps the points
+it already has (Ledger), so every step is in it once, as in TensorBoard (purge_step). How a run
+ended is its status: finished, failed (an error; wandb: exit code 1) or killed (a signal;
+wandb: exit code 143).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 import uuid
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import atomic_write
 from .report import flatten
 
 KINDS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> module
@@ -41,7 +49,32 @@ def _run_id(out_dir: Path, kind: str, new) -> str:
     return run_id
 
 
+LEDGER = "tracker_steps.json"
+OUTCOMES = ("finished", "failed", "killed")
+
+
+class Ledger:
+    """The last step at which each tracker got each scalar, kept in <output_dir>/tracker_steps.json
+    (rewritten after every step that reached a tracker): fresh() passes only later points. Left
+    alone, wandb drops a repeated step with a warning and MLflow records it twice."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LEDGER
+        self.last: dict[str, dict[str, int]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fresh(self, kind: str, values: dict, step: int) -> dict:
+        seen = self.last.setdefault(kind, {})
+        out = {k: v for k, v in values.items() if step > seen.get(k, -1)}
+        seen.update({k: step for k in out})
+        return out
+
+    def save(self) -> None:
+        atomic_write(self.path, lambda p: p.write_text(json.dumps(self.last)))
+
+
 class WandbTracker:
+    kind = "wandb"
+
     def __init__(self, out_dir: Path, name: str, config: dict):
         import wandb
 
@@ -57,11 +90,13 @@ class WandbTracker:
     def summary(self, values: dict) -> None:
         self.run.summary.update(values)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, outcome: str = "finished") -> None:
+        self.run.finish(exit_code={"finished": 0, "failed": 1, "killed": 143}[outcome])
 
 
 class MlflowTracker:
+    kind = "mlflow"
+
     def __init__(self, out_dir: Path, name: str, config: dict):
         from mlflow.tracking import MlflowClient
 
@@ -83,6 +118,8 @@ class MlflowTracker:
             params = [Param(k, str(v)) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 client.log_batch(self.run_id, params=params[i:i + 100])
+        else:
+            client.update_run(self.run_id, status="RUNNING")  # resumed: it had failed or been killed
         self.where = uri
 
     def log(self, values: dict, step: int) -> None:
@@ -96,8 +133,9 @@ class MlflowTracker:
     def summary(self, values: dict) -> None:
         pass  # the scores arrive as metrics (log)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, outcome: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status={"finished": "FINISHED", "failed": "FAILED",
+                                                        "killed": "KILLED"}[outcome])
 
 
 def open_trackers(kinds: list[str], out_dir: Path, name: str, config: dict) -> list:
