@@ -106,6 +106,45 @@ def test_predictions_match_a_hand_computed_posterior_predictive(tmp_path, tiny_b
     assert (f"posterior predictive over {m} particles" if m > 1 else "(the prompt)") in proc.stdout
 
 
+def test_dropout_is_off_and_labels_of_different_lengths_are_scored_by_their_whole_likelihood(tmp_path,
+                                                                                            tiny_backbone_path):
+    """What the tiny backbone hides: real T5 checkpoints have dropout 0.1 (predict must score in
+    eval mode, the same every time), and real labels differ in length (each label's score is its
+    tokens' summed log-likelihood, not their mean: a mean would favour long labels). Two
+    particles, labels of 1 to 4 tokens, against the hand-computed posterior predictive (eval mode)."""
+    from transformers import AutoTokenizer
+
+    from jobs import dropout_backbone
+
+    backbone = dropout_backbone(tiny_backbone_path, tmp_path / "dropout", 0.1)
+    particles = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(5)) * 0.5
+    run = fake_run(tmp_path / "run", particles, **{"model.name_or_path": str(backbone)})
+    labels = ["positive", "negative", "good", "not good", "so so"]  # 2, 4, 2, 6 and 5 tokens with </s>
+    tok = AutoTokenizer.from_pretrained(backbone)
+    lengths = {len(tok(label).input_ids) for label in labels}
+    assert len(lengths) >= 3, lengths  # lengths that differ (with </s>)
+    rows = make_examples("polarity", 23, 11, "validation")
+    own = tmp_path / "rows.jsonl"
+    own.write_text("".join(json.dumps({"input": r["input"]}) + "\n" for r in rows))
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"preds{i}.jsonl"
+        proc = predict_cli("--prompts", str(run), "--input", str(own), "--labels", ",".join(labels), "--output",
+                           str(out), "train.eval_batch_size=4", cache=tiny_backbone_path.parent)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]  # no dropout draws
+    scores = reference_scores(backbone, particles, [r["input"] for r in rows], labels)
+    best = scores.topk(2, dim=1).values
+    sure = (best[:, 0] - best[:, 1]) > 1e-4
+    assert sure.sum() >= 20
+    got = [r["prediction"] for r in read_jsonl(tmp_path / "preds0.jsonl")]
+    assert [g for g, s in zip(got, sure) if s] == [labels[i] for i, s in zip(scores.argmax(1).tolist(), sure) if s]
+    # The reference is not a length-blind one: by mean log-likelihood the picks would differ.
+    tokens = torch.tensor([len(tok(label).input_ids) for label in labels], dtype=torch.float64)
+    assert (scores / tokens).argmax(1).tolist() != scores.argmax(1).tolist()
+
+
 def test_a_file_of_your_own_with_and_without_targets(tmp_path, tiny_backbone_path):
     particles = torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(0)) * 0.5
     run = fake_run(tmp_path / "run", particles)
