@@ -1,5 +1,5 @@
 """train.optimizer: AdamW, plain SGD and the step of Liu & Wang's reference SVGD code, against a
-direct numpy transcription of that code's loop, and in real runs on 1 and 2 ranks under ZeRO-3
+direct numpy transcription of that code's loop, and in real runs on 1, 2 and 3 ranks under ZeRO-3
 (their state in checkpoints: a resumed run matches an uninterrupted one)."""
 from __future__ import annotations
 
@@ -84,20 +84,22 @@ def test_options_of_another_optimizer_are_refused_by_name(overrides, message):
 
 
 SOURCE = ["stage=bmtpt-source", "model.dtype=fp32", "data.tasks=[sentiment,mood]", "prompt.length=8",
-          "prompt.particles=2", "prompt.init=random", "train.global_batch_size=8", "train.micro_batch_size=2",
+          "prompt.particles=3", "prompt.init=random", "train.global_batch_size=12", "train.micro_batch_size=2",
           "train.schedule=constant", "train.max_grad_norm=0", "train.eval_every=0", "train.log_every=1",
           "train.lr=0.01", "seed=3", "data.max_eval_examples=4", "data.synthetic_train_examples=200"]
 
 
 @pytest.mark.distributed
-def test_svgd_adagrad_and_sgd_in_real_runs_on_one_and_two_ranks_and_across_a_resume(tiny_backbone_path, tmp_path):
-    """2 particles under ZeRO-3. svgd-adagrad's first step is lr · g / (1e-6 + |g|): every
-    coordinate moves by lr (up to the fudge); sgd's first step is lr · g, its norm lr x the logged
-    gradient norm. 1 and 2 ranks agree, and a run stopped at step 3 and resumed (the optimizer's
-    average in the checkpoint) ends where 6 uninterrupted steps do."""
+def test_svgd_adagrad_and_sgd_in_real_runs_on_one_two_and_three_ranks_and_across_a_resume(tiny_backbone_path,
+                                                                                          tmp_path):
+    """3 particles under ZeRO-3. svgd-adagrad's first step is lr · g / (1e-6 + |g|): every
+    coordinate moves by lr (up to the fudge); sgd's first step (on 3 ranks) is lr · g, its norm
+    lr x the logged gradient norm. 1 and 3 ranks agree, and a run stopped at step 3 and resumed
+    (the optimizer's average in the checkpoint) ends where 6 uninterrupted steps do, on 1 rank
+    and moved to 3. (3 particles do not fit 2 ranks.)"""
     cache = Path(tiny_backbone_path).parent
-    start = (torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(3)) * 0.5)[0]
-    start = start + torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(4)) * (
+    start = (torch.randn(3, 8, 128, generator=torch.Generator().manual_seed(3)) * 0.5)[0]
+    start = start + torch.randn(3, 8, 128, generator=torch.Generator().manual_seed(4)) * (
         0.1 * start.pow(2).mean().sqrt())
 
     def run(name, ranks, *extra, port):
@@ -108,22 +110,22 @@ def test_svgd_adagrad_and_sgd_in_real_runs_on_one_and_two_ranks_and_across_a_res
     one_step = run("adagrad-1", 1, "train.optimizer=svgd-adagrad", "train.steps=1", "train.save_every=0", port=29731)
     moved = (load_file(str(one_step / "prompts.safetensors"))["particles"] - start).abs()
     assert moved.min() > 0.0099 and moved.max() < 0.0101
-    sgd = run("sgd-1", 1, "train.optimizer=sgd", "train.steps=1", "train.save_every=0", port=29732)
+    sgd = run("sgd-1", 3, "train.optimizer=sgd", "train.steps=1", "train.save_every=0", port=29732)
     from test_bmtpt import scalars
     step = (load_file(str(sgd / "prompts.safetensors"))["particles"] - start).norm().item()
     assert step == pytest.approx(0.01 * scalars(sgd)["train/grad_norm"][0], rel=1e-4)
 
-    whole = run("whole", 2, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=0", port=29733)
-    one = run("one", 1, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=0", port=29734)
-    resumed = run("resumed", 2, "train.optimizer=svgd-adagrad", "train.steps=3", "train.save_every=3", port=29735)
-    run("resumed", 2, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=3", port=29736)
-    # The same 3-step checkpoint of 2 ranks continued on 1 (its rank-independent state: the average h).
+    whole = run("whole", 1, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=0", port=29733)
+    three = run("three", 3, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=0", port=29734)
+    resumed = run("resumed", 1, "train.optimizer=svgd-adagrad", "train.steps=3", "train.save_every=3", port=29735)
+    run("resumed", 1, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=3", port=29736)
+    # The same 3-step checkpoint of 1 rank continued on 3 (its rank-independent state: the average h).
     moved = tmp_path / "moved"
     shutil.copytree(resumed / "checkpoints", moved / "checkpoints", ignore=shutil.ignore_patterns("step00000006"))
     (moved / "checkpoints" / "latest").write_text("step00000003")
-    run("moved", 1, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=3", port=29737)
-    final = {r: load_file(str(r / "prompts.safetensors"))["particles"] for r in (whole, one, resumed, moved)}
+    run("moved", 3, "train.optimizer=svgd-adagrad", "train.steps=6", "train.save_every=3", port=29737)
+    final = {r: load_file(str(r / "prompts.safetensors"))["particles"] for r in (whole, three, resumed, moved)}
     assert torch.equal(final[resumed], final[whole])
-    torch.testing.assert_close(final[one], final[whole], rtol=0, atol=1e-5)
-    torch.testing.assert_close(final[moved], final[one], rtol=0, atol=1e-5)
+    torch.testing.assert_close(final[three], final[whole], rtol=0, atol=1e-5)
+    torch.testing.assert_close(final[moved], final[three], rtol=0, atol=1e-5)
     assert (final[whole] - start).abs().mean() > 0.03
