@@ -32,11 +32,13 @@ COMMON = ["train.schedule=constant", "train.save_every=4", "train.eval_every=0",
 PT: tuple[str, ...] = ()
 # 5 x 128 = 640 values over 3 ranks: ZeRO-3 pads the last partition.
 SVGD = ("stage=bmtpt-source", "prompt.particles=3", "data.tasks=[sentiment,mood]", "prompt.length=5")
-# ZeRO-2: DeepSpeedZeroOptimizer's flat buffer; U (5 x 1) leaves an alignment gap before V.
+# ZeRO-2: DeepSpeedZeroOptimizer's flat buffer of the particles, U (5 x 1) and V.
 ZERO2 = ("deepspeed.config=ds_configs/replicated_bf16.json", "prompt.factors.rank=1", "prompt.length=5")
-# bf16 under ZeRO-2 (2 particles, factors) and ZeRO-1 (DeepSpeed's BF16_Optimizer, another flat
-# layout; its config is written per session), checked by the exact round trip.
-ZERO2_BF16 = (*ZERO2, "model.dtype=bf16", "prompt.particles=2")
+# bf16 under ZeRO-2 (2 particles, factors; zero_optimization.parameter_alignment on, so that U's
+# 5 values are followed by a gap of 3 in the flat buffer) and ZeRO-1 (DeepSpeed's BF16_Optimizer,
+# another flat layout), checked by the exact round trip. Their configs are written per session.
+ZERO2_BF16 = ("deepspeed.config={zero2_aligned}", "prompt.factors.rank=1", "prompt.length=5", "model.dtype=bf16",
+              "prompt.particles=2")
 ZERO1_BF16 = ("deepspeed.config={zero1}", "model.dtype=bf16", "prompt.factors.rank=1", "prompt.length=5")
 ZERO3_BF16 = ("model.dtype=bf16", "prompt.factors.rank=1", "prompt.length=5")
 ROUNDTRIP = str(ROOT / "tests" / "dist" / "portable_roundtrip.py")
@@ -47,13 +49,15 @@ class Runs:
 
     def __init__(self, root, cache):
         self.root, self.cache, self.done, self.port = root, cache, {}, 29840
-        self.zero1 = root / "zero1_bf16.json"
-        config = json.loads((ROOT / "ds_configs" / "replicated_bf16.json").read_text())
-        config["zero_optimization"]["stage"] = 1
-        self.zero1.write_text(json.dumps(config))
+        self.configs = {}
+        for name, change in (("zero1", {"stage": 1}), ("zero2_aligned", {"parameter_alignment": True})):
+            config = json.loads((ROOT / "ds_configs" / "replicated_bf16.json").read_text())
+            config["zero_optimization"].update(change)
+            self.configs[name] = root / f"{name}.json"
+            self.configs[name].write_text(json.dumps(config))
 
     def args(self, extra) -> list[str]:
-        return [a.format(zero1=self.zero1) for a in extra]
+        return [a.format(**self.configs) for a in extra]
 
     def launch(self, ranks: int, script: str, *args: str):
         self.port += 1
@@ -123,13 +127,14 @@ def test_in_bf16_the_state_loaded_on_another_rank_count_is_exactly_the_saved_one
     rounds to the other sign in bf16 and Adam makes that a whole step of lr), so the check is the
     round trip: loaded on the other rank count and gathered back before any step, every value,
     moment, scalar and the schedule is bit for bit the saved one, and the bf16 model copy is the
-    saved fp32 value cast."""
+    saved fp32 value cast. The saved values are those DeepSpeed's own gather gave the writing
+    run's prompts file (the flat buffer cut at the right offsets), and training goes on to step 8."""
     first = runs.whole(before, extra, steps=4)
     resumed = tmp_path / "resumed"
     preempted_at_step_4(first, resumed)
     result = tmp_path / "roundtrip.json"
-    proc = runs.launch(after, ROUNDTRIP, str(result), f"output_dir={resumed}", "train.steps=8", *COMMON,
-                       *runs.args(extra))
+    proc = runs.launch(after, ROUNDTRIP, str(result), str(first / "prompts.safetensors"), f"output_dir={resumed}",
+                       "train.steps=8", *COMMON, *runs.args(extra))
     assert "(bf16, frozen)" in proc.stdout  # the backbone
     got = json.loads(result.read_text())
     assert (got["written_by"], got["optimizer_type"], got["model_dtype"], got["step"]) == (
@@ -138,3 +143,6 @@ def test_in_bf16_the_state_loaded_on_another_rank_count_is_exactly_the_saved_one
     assert set(got["max_abs_diff"].values()) == {0.0}, got["max_abs_diff"]
     assert got["scalars_equal"] and got["scheduler_equal"]
     assert set(got["low_precision_copy_mismatches"].values()) == {0}
+    assert set(got["saved_vs_reference"].values()) == {0.0} and len(got["saved_vs_reference"]) == 3
+    # and it trains on from there
+    assert "resumed from step 4" in proc.stdout and (resumed / "checkpoints" / "step00000008").is_dir()

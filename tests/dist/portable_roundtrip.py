@@ -3,8 +3,12 @@ and gathers the state straight back, before any step: what every rank holds must
 was saved (fp32 values, each optimizer moment, the optimizer's scalars, the LR schedule), and the
 model's low-precision copy must be the saved values cast to its dtype. Rounding-free, so it is
 sharp where the training trajectory is not (bf16, where Adam turns rounding into whole steps).
+The saved values are also compared with REFERENCE, the prompts file the writing run produced at
+that step through DeepSpeed's own gather (safe_get_full_fp32_param): a tensor cut from the flat
+buffer at a wrong offset would round-trip exactly and still differ there. Then it trains on to
+train.steps from the loaded state.
 
-usage: deepspeed --num_gpus N tests/dist/portable_roundtrip.py RESULT.json key=value ...
+usage: deepspeed --num_gpus N tests/dist/portable_roundtrip.py RESULT.json REFERENCE.safetensors key=value ...
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from safetensors.torch import load_file
 
 from _common import script_args, write_result
 from bpt_ds.checkpoints import PORTABLE
@@ -21,7 +26,7 @@ from bpt_ds.stages import STAGES
 
 
 def main() -> None:
-    result_path, *overrides = script_args()
+    result_path, reference, *overrides = script_args()
     cfg = load_config(None, overrides)
     recipe = Runner(cfg, STAGES[cfg.stage](cfg))
     recipe.setup()  # resumes: train.resume=auto finds the checkpoint
@@ -38,6 +43,14 @@ def main() -> None:
     diff = {f"values/{k}": (again["values"][k] - v).abs().max().item() for k, v in saved["values"].items()}
     diff.update({f"optimizer/{k}": (again["optimizer"][k] - v).abs().max().item()
                  for k, v in saved["optimizer"].items()})
+    written = load_file(reference)  # particles, factors.<task>.U / .V (the bank's factor_u / factor_v rows)
+    mine = {"particles": saved["values"]["particles"]}
+    for i, task in enumerate(recipe.data.task_names):
+        if "factor_u" in saved["values"]:
+            mine[f"factors.{task}.U"], mine[f"factors.{task}.V"] = (saved["values"]["factor_u"][i],
+                                                                   saved["values"]["factor_v"][i])
+    assert mine.keys() == written.keys(), (sorted(mine), sorted(written))
+    saved_vs_reference = {k: (mine[k] - written[k]).abs().max().item() for k in written}
     write_result(result_path, {
         "written_by": ck.written_by,
         "optimizer_type": type(recipe.deepspeed.ds.optimizer).__name__,
@@ -48,7 +61,10 @@ def main() -> None:
         "scheduler_equal": again["lr_scheduler"] == saved["lr_scheduler"],
         "step": recipe.state.step,
         "low_precision_copy_mismatches": low,
+        "saved_vs_reference": saved_vs_reference,
     })
+    recipe.train()
+    recipe.finish()
     recipe.cleanup()
 
 
