@@ -197,10 +197,14 @@ def attention_flops(d: T5Dims, rows: list[tuple[int, int]]) -> float:
 
 # Dense bf16 peak FLOP/s of one accelerator, by a substring of its name (torch.cuda.get_device_name),
 # for MFU; an accelerator not listed gets model FLOP/s only.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
+# Dense bf16 peak FLOP/s by the name torch.cuda.get_device_name() reports, the more specific
+# names first (NVIDIA's data sheets; "H100" alone is the SXM part). V100 has no bf16.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 70e12}
 
 
 def peak_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of an accelerator named device_name, or None when unknown."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 

@@ -53,3 +53,13 @@ def test_tensorboard_holds_hparams_scores_trainable_share_and_model_flops(tmp_pa
         flops = [e.value for e in acc.Scalars("perf/model_tflops_per_s")]
         assert len(flops) == 2 and all(v > 0 for v in flops)
         assert "perf/mfu" not in acc.Tags()["scalars"]  # CPU: no known peak
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-32GB", None), ("cpu", None),
+])
+def test_mfu_divides_by_the_dense_bf16_peak_of_the_part_the_device_name_names(name, peak):
+    """H100 PCIe and NVL are slower parts than the SXM one their names also contain; V100 has no
+    bf16, so no MFU."""
+    assert plan.peak_flops(name) == peak
