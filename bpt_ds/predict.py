@@ -143,7 +143,7 @@ def prepare(args: argparse.Namespace, world: int = 1) -> Request:
                           "posterior: choose the teacher with --particles K")
     bank_particles = m if (m > 1 and mode == "ensemble") else 1
 
-    task, has_targets = _rows(args, cfg, task_name)
+    task, has_targets, capped = _rows(args, cfg, task_name)
     generate = args.generate or task.kind == "qa" or not task.labels
     factors_rank = _factors_rank(tensors, task.name, path)
 
@@ -156,6 +156,9 @@ def prepare(args: argparse.Namespace, world: int = 1) -> Request:
 
     check_writable(output.parent, key="--output")
     where = f"--input {args.input}" if args.input else f"its {args.split} split"
+    if capped:
+        where += (f": the first {capped[0]:,} of its {capped[1]:,} rows, as data.max_eval_examples={capped[0]} "
+                  "says; data.max_eval_examples=0 predicts them all")
     return Request(cfg, path, tensors, task, has_targets, generate, pick, bank_particles, factors_rank, output, where)
 
 
@@ -163,21 +166,24 @@ def _split_name(args) -> str:
     return Path(args.input).stem if args.input else args.split
 
 
-def _rows(args, cfg, task_name: Optional[str]) -> tuple[TaskData, bool]:
-    """The rows to predict, as the `test` rows of a TaskData, and whether they carry targets."""
-    known = None
+def _rows(args, cfg, task_name: Optional[str]) -> tuple[TaskData, bool, Optional[tuple[int, int]]]:
+    """The rows to predict, as the `test` rows of a TaskData, whether they carry targets, and
+    (kept, of) when data.max_eval_examples kept only the first rows of a task's split."""
+    known, capped = None, None
     if task_name is not None:
 
         check_task_names(cfg.data)
         if not args.input:
             known = load_task(task_name, cfg.data, cfg.seed)
             rows = getattr(known, "validation" if args.split == "validation" else args.split)
-            if cfg.data.max_eval_examples and args.split != "train":
+            if cfg.data.max_eval_examples and args.split != "train" and len(rows) > cfg.data.max_eval_examples:
+                # the config the run was trained with caps its evaluation; predict says so
+                capped = (cfg.data.max_eval_examples, len(rows))
                 rows = rows[:cfg.data.max_eval_examples]
             if not rows:
                 raise DataError(f"task {task_name} has no {args.split} rows; choose another --split")
             known.test = rows
-            return known, True
+            return known, True, capped
 
         spec = cfg.data.local.get(task_name) or REGISTRY.get(task_name) or SYNTHETIC_TASKS.get(task_name)
         labels_of = list(getattr(spec, "labels", None) or [])
@@ -213,7 +219,7 @@ def _rows(args, cfg, task_name: Optional[str]) -> tuple[TaskData, bool]:
                             f"{labels}; fix the row or pass --labels")
     name = task_name or Path(args.input).stem
     metrics = known.metrics if known is not None else ("accuracy",)
-    return TaskData(name, labels, [], [], rows, kind, metrics), has_targets
+    return TaskData(name, labels, [], [], rows, kind, metrics), has_targets, None
 
 
 def _factors_rank(tensors: dict, task: str, path: Path) -> int:

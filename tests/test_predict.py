@@ -145,6 +145,19 @@ def test_dropout_is_off_and_labels_of_different_lengths_are_scored_by_their_whol
     assert (scores / tokens).argmax(1).tolist() != scores.argmax(1).tolist()
 
 
+def test_the_runs_eval_cap_is_said_and_can_be_lifted(tmp_path, tiny_backbone_path, monkeypatch):
+    """A run trained with data.max_eval_examples=10 evaluated 10 of its 37 test rows; predicting
+    its split says it keeps that cap, and data.max_eval_examples=0 predicts every row."""
+    monkeypatch.setenv("BPT_DS_CACHE", str(tiny_backbone_path.parent))
+    run = fake_run(tmp_path / "run", torch.zeros(1, 4, 128), **{"data.max_eval_examples": 10})
+    capped = predict_mod.prepare(predict_mod.parse_args(["--prompts", str(run)]))
+    assert len(capped.task.test) == 10
+    assert capped.where == ("its test split: the first 10 of its 37 rows, as data.max_eval_examples=10 says; "
+                            "data.max_eval_examples=0 predicts them all")
+    every = predict_mod.prepare(predict_mod.parse_args(["--prompts", str(run), "data.max_eval_examples=0"]))
+    assert len(every.task.test) == 37 and every.where == "its test split"
+
+
 def test_a_file_of_your_own_with_and_without_targets(tmp_path, tiny_backbone_path):
     particles = torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(0)) * 0.5
     run = fake_run(tmp_path / "run", particles)
