@@ -319,7 +319,7 @@ def test_particles_factors_and_early_stopping_on_two_ranks(cache, tmp_path):
     assert f"{out} already holds this run, finished" in again.stdout and "loading backbone" not in again.stdout
     assert json.loads((out / "metrics.json").read_text())["final"]["dev"] == metrics
     # A checkpoint continues only the computation that wrote it.
-    other = run_ds(2, TRAIN, *args, "train.lr=0.1", cache=cache)
+    other = run_ds(2, TRAIN, *args, "train.lr=0.1", cache=cache, launcher="deepspeed")  # its exit code
     assert other.returncode == 2
     assert (f"bpt_ds: error: the checkpoint in {out / 'checkpoints'} was written with a different config "
             "(train.lr: 1e-09 -> 0.1); resuming would mix two runs. Use train.resume=never") in other.stderr

@@ -225,8 +225,9 @@ def test_a_trained_run_predicts_its_reported_test_score_identically_on_1_2_and_3
         for mode in ("rank", "generate"):
             out = tmp_path / f"{mode}{ranks}.jsonl"
             extra = ["--generate"] if mode == "generate" else []
+            # the deepspeed launcher on 3 ranks (as a user starts it), torchrun on 2, a job of one
             proc = run_ds(ranks, PREDICT, "--prompts", str(run), "--output", str(out), *extra, cache=cache,
-                          port=29812 + ranks)
+                          port=29812 + ranks, launcher="deepspeed" if ranks == 3 else "auto")
             assert proc.returncode == 0, proc.stderr[-3000:]
             outputs[mode, ranks] = out.read_bytes()
             if mode == "rank":

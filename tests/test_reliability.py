@@ -175,7 +175,7 @@ def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_message(tiny_ba
         # deepspeed.timeout_minutes (30) and still run into it. Its own master port: a job of another
         # test on the default port would make this one fail with "address already in use".
         proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), f"output_dir={tmp_path / 'run'}", "train.steps=2",
-                      cache=Path(tiny_backbone_path).parent, port=29782)
+                      cache=Path(tiny_backbone_path).parent, port=29782, launcher="deepspeed")  # its exit code
     finally:
         del os.environ["BPT_DS_FAULTS"]
     assert proc.returncode == 2
@@ -249,7 +249,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_backbone_pat
     cache = Path(tiny_backbone_path).parent
     os.environ["BPT_DS_FAULTS"] = json.dumps(faults)
     try:  # (its own master port, as above)
-        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache, port=29781)
+        proc = run_ds(2, str(ROOT / "tests/dist/faults.py"), *args, cache=cache, port=29781,
+                      launcher="deepspeed")  # the launcher passes the rank's exit code
     finally:
         del os.environ["BPT_DS_FAULTS"]
     assert proc.returncode == 4
