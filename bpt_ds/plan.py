@@ -196,9 +196,8 @@ def attention_flops(d: T5Dims, rows: list[tuple[int, int]]) -> float:
 
 
 # Dense bf16 peak FLOP/s of one accelerator, by a substring of its name (torch.cuda.get_device_name),
-# for MFU; an accelerator not listed gets model FLOP/s only.
-# Dense bf16 peak FLOP/s by the name torch.cuda.get_device_name() reports, the more specific
-# names first (NVIDIA's data sheets; "H100" alone is the SXM part). V100 has no bf16.
+# for MFU, the more specific names first (NVIDIA's data sheets; "H100" alone is the SXM part); an
+# accelerator not listed (V100: no bf16) gets model FLOP/s only.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
                    "L40S": 362e12, "A10G": 70e12}
 
