@@ -140,3 +140,19 @@ def test_docstrings_cite_a_page_that_exists():
                            capture_output=True, text=True).stdout.split()
     assert cited and set(cited) == {"docs/algorithms.md"}
     assert (ROOT / "docs" / "algorithms.md").is_file()
+
+
+def test_deepspeeds_autotuner_does_not_import_mlflow_at_start_up_and_the_tracker_still_can():
+    """Start-up cost: DeepSpeed's autotuner (unused) imports mlflow, 1.2 s a process, when it is
+    installed; bpt_ds refuses that one import, and report_to=[mlflow] still imports it."""
+    pytest.importorskip("mlflow")
+    code = ("import sys, bpt_ds, deepspeed\n"
+            "from deepspeed.autotuning import autotuner\n"
+            "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+            "from bpt_ds.trackers import MlflowTracker\n"
+            "from mlflow.tracking import MlflowClient\n"
+            "print('mlflow' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "False", "True"]
