@@ -154,14 +154,11 @@ def test_one_and_two_ranks_and_nodes_agree_and_resume_after_kill_matches(cache, 
     # 7e-5 with all three on.)
     torch.testing.assert_close(prompts(checkpointed), p2, rtol=0, atol=1e-3)
 
-    # The uninterrupted reference of the runs below. (The default linear schedule: its state
-    # must come back with the optimizer's.)
-    ref = tmp_path / "ref"
-    assert run_ds(2, TRAIN, f"output_dir={ref}", *SHORT_RUN, "train.steps=48", cache=cache).returncode == 0
-
+    # The runs below against `two`, their uninterrupted reference. (The default linear schedule:
+    # its state must come back with the optimizer's.)
     # kill -9 one rank once the run has written a checkpoint: the job ends on its own, naming the
     # lost rank, and the newest checkpoint is intact.
-    cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN, "train.steps=48")
+    cmd = ds_command(2, TRAIN, f"output_dir={killed}", *SHORT_RUN)
     # (A collective timeout of 24 s: the survivor ends soon after the kill; it also bounds start-up,
     # where ranks of a loaded 2-core machine can be 12 s apart.)
     rc, log = interrupt(cmd + ["deepspeed.timeout_minutes=0.4"], killed, signal.SIGKILL, cache, tmp_path / "killed.log")
@@ -187,10 +184,10 @@ def test_one_and_two_ranks_and_nodes_agree_and_resume_after_kill_matches(cache, 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from step {step} ({saved})" in resumed.stdout
     # Same seed, config and world size, on CPU: bit-identical prompts, interrupted or not.
-    assert torch.equal(prompts(killed), prompts(ref))
+    assert torch.equal(prompts(killed), p2)
     # Only complete checkpoints remain, no more than train.keep_checkpoints of them.
     names = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
-    assert names == ["step00000042", "step00000048"]
+    assert names == ["step00000018", "step00000024"]
 
 
 def interrupt(cmd: list[str], out: Path, sig: int, cache: Path, log: Path, after: str = "") -> tuple[int, str]:

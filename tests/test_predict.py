@@ -213,7 +213,8 @@ def test_bad_input_is_refused_before_the_backbone_loads(tmp_path, tiny_backbone_
 def test_a_trained_run_predicts_its_reported_test_score_identically_on_1_2_and_3_ranks(tmp_path, tiny_backbone_path):
     """A real run (ZeRO-3), then its prompt predicted on 1, 2 and 3 ranks: the JSONL is byte-identical,
     every row once and in order, and the accuracy is the test accuracy its metrics.json reports for
-    prompts_best (the rows: 61 test examples, so 2 and 3 ranks get uneven shards). Generation too."""
+    prompts_best (the rows: 61 test examples, so 2 and 3 ranks get uneven shards). Generation too,
+    on 1 and 3 ranks."""
     cache = tiny_backbone_path.parent
     run = tmp_path / "run"
     proc = run_ds(1, TRAIN, "train.steps=20", "train.eval_every=10", "data.synthetic_eval_examples=61",
@@ -222,7 +223,7 @@ def test_a_trained_run_predicts_its_reported_test_score_identically_on_1_2_and_3
     reported = json.loads((run / "metrics.json").read_text())["selected"]["test"]["polarity"]
     outputs = {}
     for ranks in (1, 2, 3):
-        for mode in ("rank", "generate"):
+        for mode in ("rank", "generate") if ranks != 2 else ("rank",):
             out = tmp_path / f"{mode}{ranks}.jsonl"
             extra = ["--generate"] if mode == "generate" else []
             # the deepspeed launcher on 3 ranks (as a user starts it), torchrun on 2, a job of one
@@ -232,8 +233,8 @@ def test_a_trained_run_predicts_its_reported_test_score_identically_on_1_2_and_3
             outputs[mode, ranks] = out.read_bytes()
             if mode == "rank":
                 assert "posterior predictive over 2 particles" in proc.stdout
-    for mode in ("rank", "generate"):
-        assert outputs[mode, 1] == outputs[mode, 2] == outputs[mode, 3]
+    assert outputs["rank", 1] == outputs["rank", 2] == outputs["rank", 3]
+    assert outputs["generate", 1] == outputs["generate", 3]
     rows = read_jsonl(tmp_path / "rank1.jsonl")
     assert [r["index"] for r in rows] == list(range(61))
     assert [r["input"] for r in rows] == [e["input"] for e in make_examples("polarity", 61, 42, "test")]
