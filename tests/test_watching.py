@@ -63,3 +63,30 @@ def test_mfu_divides_by_the_dense_bf16_peak_of_the_part_the_device_name_names(na
     """H100 PCIe and NVL are slower parts than the SXM one their names also contain; V100 has no
     bf16, so no MFU."""
     assert plan.peak_flops(name) == peak
+
+
+def test_mfu_is_the_windows_model_flops_per_second_over_the_jobs_summed_peak(monkeypatch):
+    """What a GPU run logs, without a GPU: the job's peak is the device's times the ranks (an H100
+    PCIe here, 4 ranks), and perf/mfu = model FLOPs of the window / its seconds / that peak."""
+    from types import SimpleNamespace
+
+    from bpt_ds import train_log
+
+    monkeypatch.setattr(train_log, "on_gpu", lambda: True)
+    monkeypatch.setattr(train_log.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_log.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    monkeypatch.setattr(train_log, "peak_memory_mb", lambda gpu: 0.0)
+    peak = train_log.job_peak_flops(4)
+    assert peak == 4 * 756e12
+    clock = iter([100.0, 102.5, 102.5])  # the window starts at 100 s, is written (and the next starts) at 102.5 s
+    monkeypatch.setattr(train_log.time, "perf_counter", lambda: next(clock))
+    logged = {}
+    report = SimpleNamespace(is_main=True, scalar=lambda k, v, s: logged.__setitem__(k, v),
+                             scalars=lambda d, s: logged.update(d))
+    task = SimpleNamespace(inputs=[[1, 2, 3]] * 4, targets=[[4]] * 4)
+    log = train_log.TrainLog(report, [task], flops=lambda picks: 3e15 * len(picks), peak=peak)
+    log.count([(0, 0), (0, 1)])  # 6e15 model FLOPs
+    log.write(1, 0, SimpleNamespace(lr=lambda: 0.1, grad_norm=lambda: None),
+              SimpleNamespace(transform=None, hook_seconds=0.0))
+    assert logged["perf/model_tflops_per_s"] == pytest.approx(6e15 / 2.5 / 1e12)
+    assert logged["perf/mfu"] == pytest.approx(6e15 / 2.5 / (4 * 756e12))
