@@ -1,6 +1,7 @@
 """Real-size random backbones (`random:<T5 size>`) on 2 CPU ranks under ZeRO-3: loaded
-partitioned without gathering, frozen, bit-unchanged by training, v1.1's lm_head untied; and
-the same random weights on any number of ranks, with or without ZeRO-3."""
+partitioned without gathering, frozen, bit-unchanged by training, v1.1's lm_head untied, the
+trained prompt predicting on 3 ranks; and the same random weights on any number of ranks, with
+or without ZeRO-3."""
 from __future__ import annotations
 
 import json
@@ -81,6 +82,23 @@ def test_real_size_backbone_trains_partitioned_frozen_and_untouched_on_two_ranks
     # Checkpoints hold the prompt's state, not the backbone.
     step = tmp_path / "run" / "checkpoints" / "step00000002"
     assert sum(f.stat().st_size for f in step.rglob("*") if f.is_file()) < 2_000_000
+
+    # The trained particles predict on 3 ranks of the same backbone (its shape, bf16, ZeRO-3):
+    # 5 rows sharded unevenly, each once, in order, scored by the 2 particles' posterior predictive.
+    from bpt_ds.data.synthetic import SYNTHETIC_TASKS, make_examples
+    from bpt_ds.runs import load_config
+
+    out = tmp_path / "preds.jsonl"
+    proc = run_ds(3, str(ROOT / "launch" / "predict.py"), "--prompts", str(tmp_path / "run"), "--task", "mood",
+                  "--split", "validation", "--output", str(out), "data.max_eval_examples=5", cache=cache, port=29804,
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "posterior predictive over 2 particles" in proc.stdout and "on 3 rank(s)" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))
+    n = load_config(None, []).data.synthetic_eval_examples  # the split predict takes the first 5 of
+    assert [r["input"] for r in rows] == [e["input"] for e in make_examples("mood", n, 42, "validation")[:5]]
+    assert all(r["prediction"] in SYNTHETIC_TASKS["mood"].labels for r in rows)
 
 
 def test_zero3_keeps_a_frozen_backbone_gathered_from_the_second_step_as_the_planner_counts():
