@@ -27,6 +27,7 @@ from .distributed import barrier, is_comm_failure, rank, world_size
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, free_bytes, mib, utc_stamp
 from .report import warn
+from .trackers import set_aside_tracker_runs
 
 
 
@@ -339,6 +340,10 @@ class Checkpointer:
                     tensor_keys.add(key)
                 elif torch.is_tensor(value) or isinstance(value, (int, float)):
                     scalars[key] = float(value)
+        if world_size() > 1:  # every rank must make the same collectives below
+            every = [None] * world_size()
+            dist.all_gather_object(every, sorted(tensor_keys))
+            tensor_keys = set().union(*every)
         if stage in (1, 2):
             values, optim = self._zero12_gather(inner, sorted(tensor_keys))
             return {**common, "values": values, "optimizer": optim, "optimizer_scalars": scalars}
@@ -526,10 +531,6 @@ class Checkpointer:
                     target = old.with_name(f"{old.name}-set-aside-{stamp}")
                     os.replace(old, target)
                     moved = target if old == root else moved
-            # a fresh start is a new tracker run, with no points yet (bpt_ds.trackers)
-            for name in ("wandb_run_id", "mlflow_run_id", "tracker_steps.json"):
-                kept = root.with_name(name)
-                if kept.is_file():
-                    os.replace(kept, kept.with_name(f"{name}-set-aside-{stamp}"))
+            set_aside_tracker_runs(root.parent, stamp)  # a fresh start is a new tracker run
         barrier()
         return moved

@@ -37,12 +37,12 @@ from .deepspeed_setup import check_memory, ds_dtype, initialize, resolve_ds_conf
 from .errors import ConfigError, LostContact, Preempted, SaveError, TrainingHalted
 from .evaluation import Evaluator, hparam_metrics, select, what_is_scored
 from .plan import dims_from_config, param_counts
-from .files import DONE_FILE, atomic_write, check_free_space, check_writable, write_with_retry
+from .files import DONE_FILE, atomic_write, check_free_space, check_writable, utc_stamp, write_with_retry
 from .prompts import PromptBank, load_prompts_file
 from .report import Reporter
 from .stages.base import Stage
 from .step import SkipReason, Stepper, micro_batches, placement_line
-from .trackers import Ledger, check_available, open_trackers
+from .trackers import Ledger, check_available, open_trackers, set_aside_tracker_runs
 from .train_log import TrainLog, flops_counter, job_peak_flops
 
 
@@ -60,6 +60,8 @@ def run_stage(cfg: RunConfig, stage: Stage, stop: Optional[job.StopFlag] = None)
         outcome = "killed"
         raise
     except Exception as e:
+        if getattr(getattr(runner, "stepper", None), "stop_requested", False):
+            outcome = "killed"  # asked to stop by a signal (and, e.g., no room for its checkpoint)
         if job.is_comm_failure(e) and not isinstance(e, LostContact):
             # launch/train.py names the lost rank, waiting for it as long as this run's collectives do.
             raise LostContact(str(e) or type(e).__name__, cfg.deepspeed.timeout_minutes * 60) from e
@@ -228,6 +230,8 @@ class Runner:
         if "tensorboard" in cfg.report_to:
             report.open_tensorboard(self.out / "tb", purge_step=self.state.step + 1 if self.resume_tag else 0)
         if report.is_main:
+            if self.resume_tag is None:  # step 0: a new computation, new tracker runs
+                set_aside_tracker_runs(self.out, utc_stamp())
             report.open_trackers(open_trackers(cfg.report_to, self.out, self.out.name, to_dict(cfg)), Ledger(self.out))
         report.text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.state.step)
         accum = self.ds_config["gradient_accumulation_steps"]

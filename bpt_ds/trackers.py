@@ -11,8 +11,8 @@ selected step's scores (wandb: also as the run's summary).
 A run that crashed after its newest checkpoint repeats, when resumed, the steps in between;
 they are the same steps (the same batches and dropout draws), and each tracker keeps the points
 it already has (Ledger), so every step is in it once, as in TensorBoard (purge_step). How a run
-ended is its status: finished, failed (an error; wandb: exit code 1) or killed (a signal;
-wandb: exit code 143).
+ended is its status: finished, failed (an error; wandb: exit code 1) or killed (SIGTERM or
+SIGINT; wandb: exit code 143). A run that starts at step 0 gets new tracker runs.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .files import atomic_write
-from .report import flatten
+from .report import flatten, warn
 
 KINDS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> module
 
@@ -53,14 +53,29 @@ LEDGER = "tracker_steps.json"
 OUTCOMES = ("finished", "failed", "killed")
 
 
+KEPT = ("wandb_run_id", "mlflow_run_id", LEDGER)  # what ties an output_dir to its tracker runs
+
+
+def set_aside_tracker_runs(out_dir: Path, stamp: str) -> None:
+    """A run that starts at step 0 (train.resume=never, or no checkpoint to resume) is a new
+    computation: it gets new tracker runs, and the earlier ones keep what they logged."""
+    for name in KEPT:
+        kept = Path(out_dir) / name
+        if kept.is_file():
+            os.replace(kept, kept.with_name(f"{name}-set-aside-{stamp}"))
+
+
 class Ledger:
     """The last step at which each tracker got each scalar, kept in <output_dir>/tracker_steps.json
     (rewritten after every step that reached a tracker): fresh() passes only later points. Left
-    alone, wandb drops a repeated step with a warning and MLflow records it twice."""
+    alone, wandb drops a repeated step with a warning and MLflow records it twice. The points a
+    crashed attempt logged after its checkpoint stay as they were; a resume that changes a key
+    it may change (train.steps, evaluation) computes those steps anew for TensorBoard only."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / LEDGER
         self.last: dict[str, dict[str, int]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.warned = False
 
     def fresh(self, kind: str, values: dict, step: int) -> dict:
         seen = self.last.setdefault(kind, {})
@@ -69,7 +84,15 @@ class Ledger:
         return out
 
     def save(self) -> None:
-        atomic_write(self.path, lambda p: p.write_text(json.dumps(self.last)))
+        """A ledger that cannot be written costs at most repeated points after a crash: warned
+        once, training goes on."""
+        try:
+            atomic_write(self.path, lambda p: p.write_text(json.dumps(self.last)))
+        except OSError as e:
+            if not self.warned:
+                warn(f"could not write {self.path} ({e}); after a crash and a resume the trackers may "
+                     "get some steps twice")
+                self.warned = True
 
 
 class WandbTracker:

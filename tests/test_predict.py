@@ -111,7 +111,7 @@ def test_dropout_is_off_and_labels_of_different_lengths_are_scored_by_their_whol
     """What the tiny backbone hides: real T5 checkpoints have dropout 0.1 (predict must score in
     eval mode, the same every time), and real labels differ in length (each label's score is its
     tokens' summed log-likelihood, not their mean: a mean would favour long labels). Two
-    particles, labels of 1 to 4 tokens, against the hand-computed posterior predictive (eval mode)."""
+    particles, labels of 2 to 6 tokens, against the hand-computed posterior predictive (eval mode)."""
     from transformers import AutoTokenizer
 
     from jobs import dropout_backbone
@@ -133,7 +133,7 @@ def test_dropout_is_off_and_labels_of_different_lengths_are_scored_by_their_whol
                            str(out), "train.eval_batch_size=4", cache=tiny_backbone_path.parent)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(out.read_bytes())
-    assert outs[0] == outs[1]  # no dropout draws
+    assert outs[0] == outs[1]  # no dropout draws (with ds.train() instead of ds.eval() they differed)
     scores = reference_scores(backbone, particles, [r["input"] for r in rows], labels)
     best = scores.topk(2, dim=1).values
     sure = (best[:, 0] - best[:, 1]) > 1e-4

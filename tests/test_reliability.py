@@ -5,6 +5,7 @@ test_distributed.py, where they share the uninterrupted reference run."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import glob
 import json
 import os
@@ -313,6 +314,17 @@ def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone
     out = tmp_path / "run"
     args = [f"output_dir={out}", "train.save_every=100", "train.eval_every=0", "train.log_every=1",
             "prompt.length=4", "train.global_batch_size=8", "data.max_eval_examples=8"]
+    # MLflow (when installed) says how each attempt ended, and a restart from step 0 is a new run.
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    if mlflow:
+        from mlflow.tracking import MlflowClient
+
+        args.append("report_to=[tensorboard,mlflow]")
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+
+        def status() -> str:
+            return client.get_run((out / "mlflow_run_id").read_text().strip()).info.status
 
     def three_steps(text: str) -> bool:
         steps = [int(n) for n in re.findall(r"\| *(\d+)/400", text)]  # the progress bar
@@ -325,6 +337,9 @@ def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone
     assert "Traceback" not in text
     assert checkpoint == str(out / "checkpoints" / f"step{step:08d}")
     assert (out / "checkpoints" / "latest").read_text() == f"step{step:08d}"
+    if mlflow:
+        assert status() == "KILLED"
+        first_run = (out / "mlflow_run_id").read_text()
 
     def loss_steps() -> list[int]:
         acc = EventAccumulator(str(out / "tb"))
@@ -336,6 +351,8 @@ def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"[bpt_ds] resumed from step {step} " in resumed.stdout
     assert loss_steps() == list(range(1, step + 3))
+    if mlflow:
+        assert status() == "FINISHED" and (out / "mlflow_run_id").read_text() == first_run
 
     # Without a checkpoint (a crash before the first save, so no done.json either) the rerun
     # starts at step 0: the earlier run's steps are hidden, not shown twice.
@@ -346,3 +363,8 @@ def test_ctrl_c_saves_and_stops_and_a_restart_writes_no_step_twice(tiny_backbone
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resumed from" not in fresh.stdout
     assert loss_steps() == [1, 2]
+    if mlflow:
+        run_id = (out / "mlflow_run_id").read_text().strip()
+        assert run_id != first_run.strip() and status() == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
+        assert client.get_run(first_run.strip()).info.status == "FINISHED"  # the earlier run keeps its points

@@ -10,7 +10,8 @@ is what a job killed between the two saves leaves. The second rank count resumes
 Tolerance: not bit for bit. The number of ranks changes the order in which a step's gradient is
 summed (micro-batches per rank, then the all-reduce), so uninterrupted runs on the two rank
 counts differ by rounding too, and Adam amplifies it where a gradient coordinate is near its
-eps: with 2 particles and factors (1 vs 3 ranks, lr 0.3) a single coordinate of 1,024 differs by
+eps (not in the cases here, which stay within 1e-4; measured on another setup, 2 particles and
+factors, 1 vs 3 ranks, lr 0.3, not a case here because of it: a single coordinate of 1,024 differs by
 6.7e-4 after one step, its gradient being 2.2e-7 (the median is 7.2e-3) with 1.3e-8 of
 summation rounding: update = lr·g/(|g| + 1e-8) moves by 0.3 × 0.0023. The resumed run must be
 within twice that rank-count difference (and 1e-6) of the uninterrupted run on its final rank
@@ -92,13 +93,13 @@ def preempted_at_step_4(whole, dest):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("before, after, extra, bound", [
-    (2, 1, PT, 1e-4),
-    (1, 4, PT, 1e-4),
-    (1, 3, SVGD, 1e-4),
-    (2, 3, ZERO2, 1e-4),
+@pytest.mark.parametrize("before, after, extra", [
+    (2, 1, PT),
+    (1, 4, PT),
+    (1, 3, SVGD),
+    (2, 3, ZERO2),
 ], ids=["zero3-2to1", "zero3-1to4", "zero3-svgd-1to3", "zero2-factors-2to3"])
-def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, runs, before, after, extra, bound):
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, runs, before, after, extra):
     first, second = runs.whole(before, extra), runs.whole(after, extra)
     assert (first / "checkpoints" / "step00000004" / "trainable_state.pt").is_file()
     resumed = tmp_path / "resumed"
@@ -110,7 +111,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, runs, before,
     assert a.keys() == b.keys()
     for key in a:
         rounding = (a[key] - c[key]).abs().max().item()  # what the rank count alone changes
-        assert rounding < bound, key
+        assert rounding < 1e-4, key  # measured: up to 1.0e-5 in these cases
         assert (b[key] - a[key]).abs().max().item() <= max(1e-6, 2 * rounding), key
 
 
@@ -144,5 +145,6 @@ def test_in_bf16_the_state_loaded_on_another_rank_count_is_exactly_the_saved_one
     assert got["scalars_equal"] and got["scheduler_equal"]
     assert set(got["low_precision_copy_mismatches"].values()) == {0}
     assert set(got["saved_vs_reference"].values()) == {0.0} and len(got["saved_vs_reference"]) == 3
+    assert set(got["loaded_vs_deepspeed"].values()) == {0.0}
     # and it trains on from there
     assert "resumed from step 4" in proc.stdout and (resumed / "checkpoints" / "step00000008").is_dir()

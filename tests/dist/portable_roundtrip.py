@@ -5,7 +5,8 @@ model's low-precision copy must be the saved values cast to its dtype. Rounding-
 sharp where the training trajectory is not (bf16, where Adam turns rounding into whole steps).
 The saved values are also compared with REFERENCE, the prompts file the writing run produced at
 that step through DeepSpeed's own gather (safe_get_full_fp32_param): a tensor cut from the flat
-buffer at a wrong offset would round-trip exactly and still differ there. Then it trains on to
+buffer at a wrong offset would round-trip exactly and still differ there; and what this rank
+count holds after the load is gathered by DeepSpeed's own getter too. Then it trains on to
 train.steps from the loaded state.
 
 usage: deepspeed --num_gpus N tests/dist/portable_roundtrip.py RESULT.json REFERENCE.safetensors key=value ...
@@ -41,6 +42,9 @@ def main() -> None:
             want = saved["values"][name].to(param.dtype)
             low[name] = (param.detach().cpu() != want).sum().item()
     diff = {f"values/{k}": (again["values"][k] - v).abs().max().item() for k, v in saved["values"].items()}
+    # DeepSpeed's own gather of what this rank count holds now (not our layout code).
+    theirs = recipe.deepspeed.full_trainable_tensors()
+    loaded_vs_deepspeed = {k: (theirs[k] - v).abs().max().item() for k, v in saved["values"].items()}
     diff.update({f"optimizer/{k}": (again["optimizer"][k] - v).abs().max().item()
                  for k, v in saved["optimizer"].items()})
     written = load_file(reference)  # particles, factors.<task>.U / .V (the bank's factor_u / factor_v rows)
@@ -62,6 +66,7 @@ def main() -> None:
         "step": recipe.state.step,
         "low_precision_copy_mismatches": low,
         "saved_vs_reference": saved_vs_reference,
+        "loaded_vs_deepspeed": loaded_vs_deepspeed,
     })
     recipe.train()
     recipe.finish()
