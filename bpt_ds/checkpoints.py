@@ -358,8 +358,8 @@ class Checkpointer:
         return {**common, "values": values, "optimizer": optim, "optimizer_scalars": scalars}
 
     def _zero12_slices(self):
-        """Under ZeRO-1/2: for each parameter group, its data-parallel group, its flat fp32
-        partition on this rank and [(name, offset, shape)] of the trainable tensors in the group's
+        """Under ZeRO-1/2: for each parameter group, its data-parallel group, that group's size and
+        this rank's place in it, its flat fp32 partition on this rank and [(name, offset, shape)] of the trainable tensors in the group's
         flat buffer. Each rank holds an equal slice of that buffer (DeepSpeed pads it to a multiple
         of the rank count). DeepSpeedZeroOptimizer (ZeRO-2; ZeRO-1 in fp32) flattens its
         round_robin_bit16_groups with alignment gaps (round_robin_bit16_offsets); BF16_Optimizer
@@ -376,7 +376,10 @@ class Checkpointer:
                                   "(ds_configs/zero3_bf16.json) or ZeRO-2 (ds_configs/replicated_bf16.json)")
         for i, params in enumerate(groups):
             layout = [(names[id(p)], off, tuple(p.shape)) for p, off in zip(params, offsets[i])]
-            yield z.real_dp_process_group[i], flats[i], layout
+            group = z.real_dp_process_group[i]
+            world, part = ((dist.get_world_size(group=group), dist.get_rank(group=group)) if world_size() > 1
+                           else (1, 0))
+            yield group, world, part, flats[i], layout
 
     def _zero12_gather(self, inner, keys: list[str]) -> tuple[dict, dict]:
         """The full fp32 values and optimizer state (per key) of every trainable tensor under
@@ -384,17 +387,15 @@ class Checkpointer:
         cut at the tensors' offsets. (DeepSpeed's per-tensor fragment getters fail for tensors a
         rank holds no part of: "exp_avg not found in optimizer state fragment".)"""
         values, optim = {}, {}
-        for group, flat, layout in self._zero12_slices():
-            world = dist.get_world_size(group=group) if world_size() > 1 else 1
+        for group, world, _, flat, layout in self._zero12_slices():
             state = inner.state.get(flat, {})
             for key in [None, *keys]:
-                part = flat.detach() if key is None else state.get(key, torch.zeros_like(flat))
-                part = part.float().to(self.ds.device)
-                pieces = [torch.empty_like(part) for _ in range(world)]
+                mine = flat.detach() if key is None else state.get(key, torch.zeros_like(flat))
+                mine = mine.float().to(self.ds.device)
+                pieces = [mine]
                 if world > 1:
-                    dist.all_gather(pieces, part, group=group)
-                else:
-                    pieces = [part]
+                    pieces = [torch.empty_like(mine) for _ in range(world)]
+                    dist.all_gather(pieces, mine, group=group)
                 full = torch.cat(pieces).cpu()
                 for name, off, shape in layout:
                     n = int(torch.Size(shape).numel())
@@ -408,9 +409,7 @@ class Checkpointer:
     def _zero12_scatter(self, inner, saved: dict, keys: list[str]) -> None:
         """Writes this rank's slice of the saved full state into its ZeRO-1/2 flat partitions:
         the fp32 master values and each optimizer state tensor."""
-        for group, flat, layout in self._zero12_slices():
-            world = dist.get_world_size(group=group) if world_size() > 1 else 1
-            part = dist.get_rank(group=group) if world > 1 else 0
+        for _, world, part, flat, layout in self._zero12_slices():
             size = flat.numel()
             for key in [None, *keys]:
                 full = torch.zeros(size * world)
@@ -468,7 +467,7 @@ class Checkpointer:
                     state[key] = torch.tensor(value, dtype=torch.float32, device=flat.device if on_device else "cpu")
             if not zero3:
                 self._zero12_scatter(inner, saved, keys)
-            for name, param in (self._trainable() if zero3 else []):
+            for name, param in (self._trainable() if zero3 else ()):
                 # this rank's slice of the padded partition, written directly (the full setters
                 # require sizes the rank count divides)
                 z3 = self.ds.optimizer

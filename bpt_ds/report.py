@@ -137,7 +137,7 @@ class Reporter:
             self._flush_trackers()
 
     def close(self, outcome: str = "finished") -> None:
-        """outcome: how the run ended, for the trackers' status (bpt_ds.trackers.OUTCOMES)."""
+        """outcome: how the run ended, for the trackers' status: finished, failed or killed."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None

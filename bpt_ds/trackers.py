@@ -50,9 +50,6 @@ def _run_id(out_dir: Path, kind: str, new) -> str:
 
 
 LEDGER = "tracker_steps.json"
-OUTCOMES = ("finished", "failed", "killed")
-
-
 KEPT = ("wandb_run_id", "mlflow_run_id", LEDGER)  # what ties an output_dir to its tracker runs
 
 
